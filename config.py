@@ -1,0 +1,49 @@
+"""Per-task settings in SAT's dict shape: CONFIG[task] = {dataset, model, training, sparsity}.
+
+Values follow SPEC.md section 6 (SAT's LRA config; N rounded up to a power of two). sat/config.py validates
+these dicts (unknown keys, wrong types, impossible values are errors) and applies presets and CLI overrides.
+"""
+
+
+def _lra(max_seq_len, num_classes, layers, block, density, batch, lr, steps, warmup, eval_every, two_inputs=False):
+    return {
+        "dataset": {"max_seq_len": max_seq_len, "num_classes": num_classes, "two_inputs": two_inputs},
+        "model": {
+            "num_layers": layers, "dim": 64, "hidden_dim": 128, "num_heads": 2, "head_dim": 32,
+            "dropout": 0.1, "attn_dropout": 0.1, "pooling": "mean", "mlp": "dense", "nblocks": 4,
+        },
+        "training": {
+            "batch_size": batch, "learning_rate": lr, "weight_decay": 0.01, "warmup_steps": warmup,
+            "train_steps": steps, "eval_frequency": eval_every, "num_eval_batches": 0, "clip_value": 1.0,
+            "amp": "auto",
+        },
+        "sparsity": {
+            "sk": 1.7, "ds": 1.3, "density": density, "block_size": block, "attn_loss_scale": 0.01,
+            "monitor_every": 1, "max_dense_steps": steps // 5, "lr_scale_after_transition": 0.5,
+            "pattern": "learned", "per_head": False, "s2d_fraction": 0.7, "enabled": True,
+        },
+    }
+
+
+CONFIG = {
+    "lra-listops": _lra(2048, 10, 4, 64, 0.04, 128, 8e-4, 30000, 1000, 500),
+    "lra-text": _lra(4096, 2, 2, 64, 0.05, 32, 5e-4, 20000, 1000, 500),
+    "lra-retrieval": _lra(4096, 2, 2, 64, 0.021, 32, 5e-4, 40000, 800, 500, two_inputs=True),
+    "lra-image": _lra(1024, 10, 2, 32, 0.05, 512, 2e-3, 10000, 175, 200),
+    "lra-pathfinder": _lra(1024, 2, 2, 32, 0.05, 512, 2e-3, 62500, 312, 1000),
+}
+
+# Presets: partial dicts merged over CONFIG[task]. "quick" is the README's main job: generated ListOps at a
+# scale a 2-core CPU trains in minutes, keeping SAT's monitor thresholds (--sk 1.7 --ds 1.3).
+PRESETS = {
+    "quick": {
+        "lra-listops": {
+            "dataset": {"max_seq_len": 256, "generate": {"n_train": 6000, "n_val": 500, "n_test": 1000,
+                                                          "min_len": 60, "max_len": 256}},
+            "model": {"num_layers": 2},
+            "training": {"batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 100,
+                         "train_steps": 1500, "eval_frequency": 250},
+            "sparsity": {"block_size": 32, "density": 0.25, "max_dense_steps": 600},
+        },
+    },
+}

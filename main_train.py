@@ -1,0 +1,98 @@
+"""Train a model with SAT's automatic dense -> block-sparse attention switch.
+
+    python main_train.py --mode train --task lra-image --random 1001 --name sat --sk 1.7 --ds 1.3
+    python main_train.py --task lra-listops --preset quick          # generated ListOps, minutes on a CPU
+
+Exit codes: 0 success, 2 bad usage or bad input (one-line error), 1 a failure during training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sat.checkpoint import CheckpointError
+from sat.config import ConfigError, die, load_config
+from sat.data.format import DataError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mode", default="train", choices=["train", "eval"], help="eval = main_inference.py --mode eval")
+    p.add_argument("--task", required=True, help="lra-listops, lra-text, lra-retrieval, lra-image, lra-pathfinder")
+    p.add_argument("--random", type=int, default=1001, help="seed; also names logs/log-{random} and checkpoints")
+    p.add_argument("--name", default="sat", help="run name inside logs/ and checkpoints/")
+    p.add_argument("--sk", type=float, help="skewness threshold (SAT default 1.7)")
+    p.add_argument("--ds", type=float, help="drift threshold in percent (SAT default 1.3)")
+    p.add_argument("--train_steps", type=int, help="total optimizer steps")
+    p.add_argument("--density", type=float, help="fraction of attention blocks kept after the switch")
+    p.add_argument("--block_size", type=int, help="attention block size")
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--learning_rate", type=float)
+    p.add_argument("--max_dense_steps", type=int, help="force the switch after this many steps (0 = never)")
+    p.add_argument("--no_switch", action="store_true", help="dense-only training (the monitor still logs)")
+    p.add_argument("--preset", help="named settings from config.py PRESETS, e.g. 'quick'")
+    p.add_argument("--data_dir", help="folder of processed .npz files (default data/{task})")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "reference"])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto = cuda when available)")
+    p.add_argument("--resume", action="store_true", help="continue the last checkpoint of this --name")
+    p.add_argument("--root", default=".", help="where logs/ and checkpoints/ go")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar (plain lines)")
+    return p
+
+
+def overrides_from_args(a: argparse.Namespace) -> dict:
+    o: dict = {"sparsity": {}, "training": {}}
+    for key in ("sk", "ds", "density", "block_size", "max_dense_steps"):
+        if getattr(a, key) is not None:
+            o["sparsity"][key] = getattr(a, key)
+    if a.no_switch:
+        o["sparsity"]["enabled"] = False
+    for key in ("train_steps", "batch_size", "learning_rate"):
+        if getattr(a, key) is not None:
+            o["training"][key] = getattr(a, key)
+    return o
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.mode == "eval":
+        import main_inference
+
+        return main_inference.main(["--mode", "eval", "--task", a.task, "--random", str(a.random),
+                                    "--name", a.name, "--root", a.root, "--device", a.device, "--backend", a.backend]
+                                   + (["--data_dir", a.data_dir] if a.data_dir else []))
+    from sat.train import RunPaths, TrainingError, default_data_dir, prepare_data, train
+
+    try:
+        cfg = load_config(a.task, a.preset, overrides_from_args(a))
+        device = resolve_device(a.device)
+        data_dir = Path(a.data_dir) if a.data_dir else default_data_dir(cfg, a.root)
+        paths = RunPaths.make(a.root, a.random, a.task, a.name)
+        if not a.resume and paths.last.exists():
+            die(f"a run named {a.name!r} already exists at {paths.last}; pass --resume to continue it or choose "
+                f"another --name")
+        if a.data_dir is None:
+            prepare_data(cfg, data_dir)
+        train(cfg, paths, data_dir, device=device, backend=a.backend, seed=a.random, resume=a.resume,
+              progress=not a.no_progress)
+    except (ConfigError, DataError, CheckpointError) as e:
+        die(str(e))
+    except TrainingError as e:
+        die(str(e), code=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

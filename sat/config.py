@@ -1,0 +1,217 @@
+"""Typed, validated view of the root config.py.
+
+`load_config(task, preset=None, overrides=None)` merges CONFIG[task], an optional preset and overrides
+(same nested shape), then checks every key and value. Any problem raises ConfigError with a one-line message
+that says what to do; the CLIs turn it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """Bad configuration or command-line value (exit code 2)."""
+
+
+@dataclass
+class DatasetConfig:
+    max_seq_len: int
+    num_classes: int
+    two_inputs: bool = False
+    vocab_size: int = 0            # 0 = read from the processed data's meta.json
+    generate: dict = field(default_factory=dict)   # ListOps generator settings for presets
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int
+    dim: int
+    hidden_dim: int
+    num_heads: int
+    head_dim: int
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    pooling: str = "mean"
+    mlp: str = "dense"             # dense | monarch
+    nblocks: int = 4
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int
+    learning_rate: float
+    train_steps: int
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    eval_frequency: int = 500
+    num_eval_batches: int = 0      # 0 = the whole dev split
+    clip_value: float = 1.0
+    amp: str = "auto"              # auto | off | bf16 | fp16
+
+
+@dataclass
+class SparsityConfig:
+    sk: float = 1.7
+    ds: float = 1.3
+    density: float = 0.05
+    block_size: int = 64
+    attn_loss_scale: float = 0.01
+    monitor_every: int = 1
+    max_dense_steps: int = 0       # 0 = never force the switch
+    lr_scale_after_transition: float = 0.5
+    pattern: str = "learned"       # learned | measured
+    per_head: bool = False
+    s2d_fraction: float = 0.7      # Monarch MLPs densified at this fraction of train_steps (mlp: monarch)
+    enabled: bool = True           # False = dense-only training (the monitor still runs and logs)
+
+
+@dataclass
+class TaskConfig:
+    task: str
+    dataset: DatasetConfig
+    model: ModelConfig
+    training: TrainingConfig
+    sparsity: SparsityConfig
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"dataset": DatasetConfig, "model": ModelConfig, "training": TrainingConfig, "sparsity": SparsityConfig}
+
+
+def _load_root_config():
+    path = ROOT / "config.py"
+    spec = importlib.util.spec_from_file_location("sat_root_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CONFIG, getattr(module, "PRESETS", {})
+
+
+def tasks() -> list[str]:
+    return sorted(_load_root_config()[0])
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _merge(base: dict, extra: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "generate":
+            out[key] = _merge(out[key], value, f"{where}.{key}")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _coerce(section: str, name: str, value: Any, typ) -> Any:
+    where = f"{section}.{name}"
+    typ = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}.get(typ, typ)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (typ is int and isinstance(value, bool)) or not isinstance(value, typ):
+        raise ConfigError(f"config key {where} must be of type {typ.__name__}, got {value!r}; fix it in config.py "
+                          f"or on the command line")
+    return value
+
+
+def _build_section(section: str, values: dict):
+    cls = SECTIONS[section]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise ConfigError(f"unknown config key {section}.{key}{_suggest(key, fields)}; valid keys: "
+                              f"{', '.join(fields)}")
+    kwargs = {k: _coerce(section, k, v, fields[k].type) for k, v in values.items()}
+    missing = [f.name for f in fields.values()
+               if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"config section {section} lacks required keys {missing}; add them in config.py")
+    return cls(**kwargs)
+
+
+def validate(cfg: TaskConfig) -> TaskConfig:
+    """Value checks that cut across fields; raise ConfigError."""
+    d, m, t, s = cfg.dataset, cfg.model, cfg.training, cfg.sparsity
+    checks = [
+        (d.max_seq_len > 0, "dataset.max_seq_len must be positive"),
+        (d.num_classes >= 2, "dataset.num_classes must be at least 2"),
+        (m.num_layers > 0 and m.dim > 0 and m.hidden_dim > 0 and m.num_heads > 0 and m.head_dim > 0,
+         "model sizes (num_layers, dim, hidden_dim, num_heads, head_dim) must be positive"),
+        (0.0 <= m.dropout < 1.0 and 0.0 <= m.attn_dropout < 1.0, "model dropouts must lie in [0, 1)"),
+        (m.pooling in ("mean", "cls"), f"model.pooling must be 'mean' or 'cls', got {m.pooling!r}"),
+        (m.mlp in ("dense", "monarch"), f"model.mlp must be 'dense' or 'monarch', got {m.mlp!r}"),
+        (m.nblocks >= 1, "model.nblocks must be at least 1"),
+        (t.batch_size > 0, "training.batch_size must be positive"),
+        (t.learning_rate > 0, "training.learning_rate must be positive"),
+        (t.train_steps > 0, "training.train_steps must be positive (use --train_steps N with N >= 1)"),
+        (t.warmup_steps >= 0 and t.eval_frequency > 0 and t.num_eval_batches >= 0,
+         "training.warmup_steps and num_eval_batches must be >= 0 and eval_frequency > 0"),
+        (t.weight_decay >= 0 and t.clip_value >= 0, "training.weight_decay and clip_value must be >= 0"),
+        (t.amp in ("auto", "off", "bf16", "fp16"), f"training.amp must be auto, off, bf16 or fp16, got {t.amp!r}"),
+        (0.0 < s.density <= 1.0, f"sparsity.density must lie in (0, 1], got {s.density} (try --density 0.05)"),
+        (s.sk >= 0 and s.ds >= 0, f"sparsity thresholds must be non-negative, got sk={s.sk} ds={s.ds}"),
+        (s.block_size > 0 and d.max_seq_len % s.block_size == 0,
+         f"sparsity.block_size {s.block_size} must divide the padded length dataset.max_seq_len "
+         f"{d.max_seq_len}; choose a power of two such as 32 or 64"),
+        (s.monitor_every >= 1, "sparsity.monitor_every must be at least 1"),
+        (s.max_dense_steps >= 0, "sparsity.max_dense_steps must be >= 0 (0 = never force)"),
+        (s.attn_loss_scale >= 0, "sparsity.attn_loss_scale must be >= 0"),
+        (s.lr_scale_after_transition > 0, "sparsity.lr_scale_after_transition must be positive"),
+        (s.pattern in ("learned", "measured"), f"sparsity.pattern must be 'learned' or 'measured', got {s.pattern!r}"),
+        (0.0 < s.s2d_fraction <= 1.0, "sparsity.s2d_fraction must lie in (0, 1]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    nb = d.max_seq_len // s.block_size
+    if int(nb * nb * s.density) < 1:
+        raise ConfigError(f"density {s.density} keeps no block of the {nb}x{nb} block grid; raise --density or "
+                          f"lower block_size")
+    return cfg
+
+
+def load_config(task: str, preset: str | None = None, overrides: dict | None = None) -> TaskConfig:
+    """CONFIG[task] + PRESETS[preset][task] + overrides -> validated TaskConfig."""
+    configs, presets = _load_root_config()
+    if task not in configs:
+        raise ConfigError(f"unknown task {task!r}{_suggest(task, configs)}; choose one of {', '.join(sorted(configs))}")
+    raw = configs[task]
+    if preset:
+        if preset not in presets or task not in presets[preset]:
+            have = sorted(p for p, v in presets.items() if task in v)
+            raise ConfigError(f"no preset {preset!r} for task {task}; presets for it: {have or 'none'}")
+        raw = _merge(raw, presets[preset][task], "preset")
+    if overrides:
+        raw = _merge(raw, overrides, "override")
+    for section in raw:
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r}{_suggest(section, SECTIONS)}; sections are "
+                              f"{', '.join(SECTIONS)}")
+    built = {name: _build_section(name, raw.get(name, {})) for name in SECTIONS}
+    return validate(TaskConfig(task=task, **built))
+
+
+def from_dict(d: dict) -> TaskConfig:
+    """Rebuild a TaskConfig saved with to_dict() (checkpoints)."""
+    built = {name: _build_section(name, d[name]) for name in SECTIONS}
+    return validate(TaskConfig(task=d["task"], **built))
+
+
+def die(message: str, code: int = 2) -> None:
+    """Print a one-line error and exit (the CLIs' only way out on bad input)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)

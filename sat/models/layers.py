@@ -1,0 +1,49 @@
+"""Building blocks shared by the LRA encoder and the ViT: the MLP (dense or Monarch) and a pre-LN block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from sat.models.attention import Attention
+
+
+def make_linear(in_features: int, out_features: int, kind: str, nblocks: int) -> nn.Module:
+    if kind == "monarch":
+        from sat.models.monarch import MonarchLinear
+
+        return MonarchLinear(in_features, out_features, nblocks=nblocks)
+    return nn.Linear(in_features, out_features)
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> dropout -> Linear -> dropout; `kind` = dense | monarch chooses the linear layers."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, kind: str = "dense", nblocks: int = 4) -> None:
+        super().__init__()
+        self.fc1 = make_linear(dim, hidden, kind, nblocks)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = make_linear(hidden, dim, kind, nblocks)
+        self.drop2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LayerNorm Transformer block: x + drop(MHA(LN(x))), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, hidden: int, attention: Attention, dropout: float = 0.0, mlp: str = "dense",
+                 nblocks: int = 4) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = attention
+        self.drop = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, hidden, dropout, mlp, nblocks)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                collect: bool = False) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), key_padding_mask, collect))
+        return x + self.mlp(self.norm2(x))

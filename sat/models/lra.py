@@ -1,0 +1,58 @@
+"""The LRA encoder (SPEC.md section 6): embeddings + learned positions, pre-LN blocks, final LN times the
+padding mask, mean pooling, a two-layer head. Two-input tasks (retrieval) run both inputs through the same
+encoder as one stacked batch and classify [x0, x1, x0*x1, x0-x1].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from sat.config import TaskConfig
+from sat.data.lra import Batch
+from sat.models.attention import Attention
+from sat.models.layers import EncoderBlock
+
+
+class LRAModel(nn.Module):
+    def __init__(self, cfg: TaskConfig, vocab_size: int, backend: str = "auto") -> None:
+        super().__init__()
+        m, s = cfg.model, cfg.sparsity
+        n = cfg.dataset.max_seq_len
+        self.two_inputs = cfg.dataset.two_inputs
+        self.embed = nn.Embedding(vocab_size, m.dim)
+        self.pos = nn.Parameter(torch.randn(1, n, m.dim) * 0.02)  # learned positions, (1, N, C)
+        self.drop = nn.Dropout(m.dropout)
+        self.blocks = nn.ModuleList(
+            EncoderBlock(m.dim, m.hidden_dim,
+                         Attention(m.dim, m.num_heads, m.head_dim, n, s.block_size, m.attn_dropout,
+                                   s.pattern, s.per_head, backend),
+                         m.dropout, m.mlp, m.nblocks)
+            for _ in range(m.num_layers))
+        self.norm = nn.LayerNorm(m.dim)
+        width = m.dim * (4 if self.two_inputs else 1)
+        self.head = nn.Sequential(nn.Linear(width, m.hidden_dim), nn.ReLU(), nn.Linear(m.hidden_dim, cfg.dataset.num_classes))
+
+    def attention_layers(self) -> list[Attention]:
+        return [b.attn for b in self.blocks]
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor | None, collect: bool) -> torch.Tensor:
+        """ids: (B, N); mask: (B, N) bool or None -> pooled features (B, C)."""
+        x = self.drop(self.embed(ids) + self.pos[:, : ids.shape[1]])  # (B, N, C)
+        for block in self.blocks:
+            x = block(x, mask, collect)
+        x = self.norm(x)
+        if mask is None:
+            return x.mean(dim=1)
+        m = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
+        return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)  # mean over real tokens
+
+    def forward(self, batch: Batch, collect: bool = False) -> torch.Tensor:
+        if not self.two_inputs:
+            return self.head(self.encode(batch.x, batch.mask, collect))
+        B = batch.x.shape[0]
+        ids = batch.x.reshape(2 * B, -1)  # (B, 2, N) -> (2B, N): both towers share the encoder
+        mask = None if batch.mask is None else batch.mask.reshape(2 * B, -1)
+        pooled = self.encode(ids, mask, collect).view(B, 2, -1)
+        x0, x1 = pooled[:, 0], pooled[:, 1]
+        return self.head(torch.cat([x0, x1, x0 * x1, x0 - x1], dim=-1))

@@ -1,0 +1,92 @@
+"""The one owner of every transition, asked once per training step.
+
+Ordered transitions: (1) attention sparsify, fired by the monitor's criteria (SPEC.md section 2) or forced at
+`max_dense_steps`; it freezes each layer's pattern, installs the top-k layouts and scales the learning rate;
+(2) MLP densify (S2D), at `s2d_fraction` of the steps when the model has Monarch MLPs. Steps are counted as
+optimizer steps completed: a transition recorded at step t takes effect from step t + 1 on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sat.config import SparsityConfig
+from sat.sparsity.monitor import TransitionMonitor
+
+
+@dataclass
+class Event:
+    kind: str                 # "sparsify" | "densify"
+    step: int
+    reason: str = ""          # sparsify: "criteria" | "forced"
+    details: dict = field(default_factory=dict)
+
+
+class TransitionScheduler:
+    def __init__(self, cfg: SparsityConfig, num_layers: int, total_steps: int, has_monarch: bool = False) -> None:
+        self.cfg = cfg
+        self.monitor = TransitionMonitor(cfg.sk, cfg.ds, num_layers)
+        self.transition_step: int | None = None
+        self.transition_reason: str | None = None
+        self.densify_step: int | None = None
+        self.densify_at = max(1, int(cfg.s2d_fraction * total_steps)) if has_monarch else None
+        self.lr_scale = 1.0
+        self.added_diagonal = 0
+        self.density_used: float | None = None
+        self._passed = False
+
+    @property
+    def sparse(self) -> bool:
+        return self.transition_step is not None
+
+    def wants_stats(self, step: int) -> bool:
+        """Monitor (and train the pattern) on this step? `step` = optimizer steps done before it."""
+        return not self.sparse and step % self.cfg.monitor_every == 0
+
+    def observe(self, step: int, maps: list[torch.Tensor]) -> None:
+        """Feed one monitored step's per-layer mean attention maps."""
+        self._passed = self.monitor.update(maps, step=step)
+
+    def after_step(self, step: int, model) -> list[Event]:
+        """Called after optimizer step number `step` (1-based); applies and returns the transitions due."""
+        events = []
+        passed, self._passed = self._passed, False
+        if not self.sparse and self.cfg.enabled:
+            forced = self.cfg.max_dense_steps > 0 and step >= self.cfg.max_dense_steps
+            if passed or forced:
+                events.append(self._sparsify(step, model, "criteria" if passed else "forced"))
+        if self.densify_at is not None and self.densify_step is None and step >= self.densify_at:
+            from sat.models.monarch import count_parameters, densify
+
+            before = count_parameters(model)
+            names = densify(model)
+            self.densify_step = step
+            events.append(Event("densify", step, details={"layers": names, "params_before": before,
+                                                          "params_after": count_parameters(model)}))
+        return events
+
+    def _sparsify(self, step: int, model, reason: str) -> Event:
+        layers = model.attention_layers()
+        self.added_diagonal = sum(layer.sparsify(self.cfg.density) for layer in layers)
+        active = sum(int(layer.layout.sum()) for layer in layers)
+        total = sum(layer.layout.numel() for layer in layers)
+        self.density_used = active / total
+        self.transition_step, self.transition_reason = step, reason
+        self.lr_scale = self.cfg.lr_scale_after_transition
+        return Event("sparsify", step, reason, {"added_diagonal": self.added_diagonal,
+                                                "density_used": self.density_used,
+                                                "layouts": [layer.layout.cpu() for layer in layers]})
+
+    def state_dict(self) -> dict:
+        return {"monitor": self.monitor.state_dict(), "transition_step": self.transition_step,
+                "transition_reason": self.transition_reason, "densify_step": self.densify_step,
+                "densify_at": self.densify_at, "lr_scale": self.lr_scale, "added_diagonal": self.added_diagonal,
+                "density_used": self.density_used}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        self.monitor.load_state_dict(state["monitor"], device)
+        for key in ("transition_step", "transition_reason", "densify_step", "densify_at", "lr_scale",
+                    "added_diagonal", "density_used"):
+            setattr(self, key, state[key])
