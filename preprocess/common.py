@@ -24,10 +24,13 @@ BYTE_VOCAB_SIZE = 257  # byte-level ids: byte + 1, 0 = padding
 DEV_EVERY = 10  # the byte-level text scripts put every 10th training example (index % 10 == 9) into dev
 
 
-def base_parser(description: str, default_max_len: int | None = None) -> argparse.ArgumentParser:
-    """Parser with the shared arguments: --raw, --out, --force (and --max_len when it applies)."""
+def base_parser(description: str, default_max_len: int | None = None,
+                raw: bool = True) -> argparse.ArgumentParser:
+    """Parser with the shared arguments: --raw (unless ``raw`` is False), --out, --force, and --max_len when
+    ``default_max_len`` is given."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--raw", required=True, help="folder holding the raw data set")
+    if raw:
+        p.add_argument("--raw", required=True, help="folder holding the raw data set")
     p.add_argument("--out", required=True, help="folder for the processed {task}.{split}.npz and meta JSON")
     p.add_argument("--force", action="store_true", help="overwrite existing processed files")
     if default_max_len is not None:
@@ -79,6 +82,11 @@ def progress(items: Iterable[T], total: int | None, desc: str) -> Iterator[T]:
     """A tqdm progress bar on stderr (quiet for tiny inputs so that tests stay readable)."""
     return iter(tqdm(items, total=total, desc=desc, unit="ex", disable=total is not None and total < 1000,
                      mininterval=1.0))
+
+
+def progress_bar(total: int, desc: str) -> tqdm:
+    """A tqdm bar to ``update()`` by hand (for inputs read in chunks)."""
+    return tqdm(total=total, desc=desc, unit="ex", disable=total < 1000, mininterval=1.0)
 
 
 def write_task(out_dir: str | Path, task: str, splits: dict[str, Split], meta: dict) -> dict:

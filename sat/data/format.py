@@ -65,7 +65,8 @@ def _atomic_write(path: Path, write) -> None:
 def save_split(data_dir: str | Path, task: str, split: str, data: Split) -> Path:
     """Write one split atomically (a crash never leaves a half-written .npz)."""
     path = split_path(data_dir, task, split)
-    arrays = {"x": data.x.astype(np.int32), "lengths": data.lengths.astype(np.int32), "y": data.y.astype(np.int64)}
+    arrays = {"x": data.x.astype(np.int32, copy=False), "lengths": data.lengths.astype(np.int32, copy=False),
+              "y": data.y.astype(np.int64, copy=False)}
     _atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
 

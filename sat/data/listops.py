@@ -162,7 +162,8 @@ def sample_trees(n: int, min_len: int, max_len: int, rng: random.Random, max_dep
         raise ValueError(f"need max_depth >= 1 and max_args >= 2, got {max_depth}, {max_args}")
     trees: list[Tree] = []
     misses = 0
-    with tqdm(total=n, desc=desc, disable=desc is None or n < 1000, unit="tree") as bar:
+    with tqdm(total=n, desc=desc, disable=desc is None or n < 1000, unit="tree",
+              mininterval=1.0) as bar:
         while len(trees) < n:
             try:
                 tree, length = random_tree(rng, max_depth, max_args, value_p, max_len)
