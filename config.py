@@ -43,7 +43,7 @@ PRESETS = {
             "model": {"num_layers": 2},
             "training": {"batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 100,
                          "train_steps": 1500, "eval_frequency": 250},
-            "sparsity": {"block_size": 32, "density": 0.25, "max_dense_steps": 600},
+            "sparsity": {"block_size": 32, "density": 0.25, "max_dense_steps": 1000},
         },
     },
 }

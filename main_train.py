@@ -9,6 +9,7 @@ Exit codes: 0 success, 2 bad usage or bad input (one-line error), 1 a failure du
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_dense_steps", type=int, help="force the switch after this many steps (0 = never)")
     p.add_argument("--no_switch", action="store_true", help="dense-only training (the monitor still logs)")
     p.add_argument("--preset", help="named settings from config.py PRESETS, e.g. 'quick'")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config value, e.g. --set model.num_layers=1 (repeatable)")
     p.add_argument("--data_dir", help="folder of processed .npz files (default data/{task})")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "reference"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto = cuda when available)")
@@ -52,6 +55,16 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
     for key in ("train_steps", "batch_size", "learning_rate"):
         if getattr(a, key) is not None:
             o["training"][key] = getattr(a, key)
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"--set expects SECTION.KEY=VALUE (e.g. model.dim=32), got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        o.setdefault(section, {})[name] = parsed
     return o
 
 
