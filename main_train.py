@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto = cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue the last checkpoint of this --name")
     p.add_argument("--root", default=".", help="where logs/ and checkpoints/ go")
+    p.add_argument("--stop_at", type=int, default=0, help="stop after N steps, as an interruption would (tests)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (plain lines)")
     return p
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.data_dir is None:
             prepare_data(cfg, data_dir)
         train(cfg, paths, data_dir, device=device, backend=a.backend, seed=a.random, resume=a.resume,
-              progress=not a.no_progress)
+              progress=not a.no_progress, stop_at=a.stop_at)
     except (ConfigError, DataError, CheckpointError) as e:
         die(str(e))
     except TrainingError as e:

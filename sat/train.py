@@ -58,6 +58,10 @@ class RunPaths:
         return self.log_dir / f"{self.name}.summary.json"
 
     @property
+    def losses(self) -> Path:
+        return self.log_dir / f"{self.name}.losses.tsv"
+
+    @property
     def best(self) -> Path:
         return self.ckpt_dir / f"{self.name}.model"
 
@@ -217,8 +221,11 @@ def _log_event(event: Event, writer, say) -> None:
 
 
 def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu", backend: str = "auto",
-          seed: int = 0, resume: bool = False, progress: bool = True) -> dict:
-    """Train one run end to end; returns the summary written to summary.json."""
+          seed: int = 0, resume: bool = False, progress: bool = True, stop_at: int = 0) -> dict | None:
+    """Train one run end to end; returns the summary written to summary.json.
+
+    `stop_at` > 0 ends the process's work after that many steps (as an interruption would) and returns None;
+    `resume` continues from the last checkpoint."""
     from torch.utils.tensorboard import SummaryWriter
 
     dev = torch.device(device)
@@ -233,13 +240,14 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
                              repeat=True, drop_last=len(splits["train"]) >= t.batch_size)
     step, best_acc = 0, -1.0
     timing = {"dense_time": 0.0, "dense_steps": 0, "sparse_time": 0.0, "sparse_steps": 0}
-    if resume:
-        step, best_acc, model, optimizer, timing = _resume(paths, cfg, model, optimizer, scheduler, train_loader, dev)
     dtype = amp_dtype(cfg, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    if resume:
+        step, best_acc, model, optimizer, timing = _resume(paths, cfg, model, scheduler, train_loader, scaler, dev)
 
     _setup_logging(paths)
     writer = SummaryWriter(str(paths.tensorboard))
+    loss_file = _open_loss_log(paths.losses, step)
 
     def say(msg: str) -> None:
         log.info(msg)
@@ -289,9 +297,10 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
             if event.kind == "densify":
                 optimizer = make_optimizer(model, cfg, old=optimizer)
         bar.update(1)
+        loss_file.write(f"{step}\t{float(ce.detach()):.8f}\t{phase}\n")
         if step % 10 == 0 or step == 1 or events:
             acc = float((logits.argmax(-1) == batch.y).float().mean())
-            writer.add_scalar("train/loss", float(ce), step)
+            writer.add_scalar("train/loss", float(ce.detach()), step)
             writer.add_scalar("train/accuracy", acc, step)
             writer.add_scalar("lr", lr, step)
             writer.add_scalar("sparsity/density", scheduler.density_used or 1.0, step)
@@ -317,10 +326,19 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
             say(f"step {step}: dev accuracy {res['accuracy']:.4f} loss {res['loss']:.4f} ({phase})"
                 + (" *best*" if improved else ""))
             state = _state(cfg, model, optimizer, scheduler, train_loader, step, best_acc, vocab, data_dir, timing)
+            state["scaler"] = scaler.state_dict()
+            loss_file.flush()
             if improved:
                 save_checkpoint(paths.best, state)
             save_checkpoint(paths.last, state)
+        if stop_at and step >= stop_at and step < t.train_steps:
+            bar.close()
+            loss_file.close()
+            writer.close()
+            say(f"stopped at step {step} (--stop_at); continue with --resume")
+            return None
     bar.close()
+    loss_file.close()
 
     best = load_checkpoint(paths.best, map_location=dev)
     eval_model = _model_from_state(best, dev, backend)
@@ -343,6 +361,16 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
         f"summary {paths.summary}")
     writer.close()
     return summary
+
+
+def _open_loss_log(path: Path, step: int):
+    """Per-step training losses (step, loss, phase); on resume, lines past the checkpoint's step are dropped."""
+    kept = []
+    if step and path.is_file():
+        kept = [line for line in path.read_text().splitlines(keepends=True) if int(line.split("\t")[0]) <= step]
+    f = open(path, "w")  # noqa: SIM115 (closed by the loop)
+    f.writelines(kept)
+    return f
 
 
 def _rate(timing: dict, phase: str) -> float | None:
@@ -383,7 +411,7 @@ def _model_from_state(state: dict, dev: torch.device, backend: str) -> nn.Module
     return model.to(dev)
 
 
-def _resume(paths, cfg, model, optimizer, scheduler, loader, dev):
+def _resume(paths, cfg, model, scheduler, loader, scaler, dev):
     state = load_checkpoint(paths.last, map_location="cpu")
     if state["task"] != cfg.task or state["config"] != cfg.to_dict():
         raise CheckpointError(f"{paths.last} was written by a run with another task or config; start a new run "
@@ -398,6 +426,8 @@ def _resume(paths, cfg, model, optimizer, scheduler, loader, dev):
     optimizer = make_optimizer(model, cfg)
     optimizer.load_state_dict(state["optimizer"])
     loader.load_state_dict(state["train_loader"])
+    if scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])

@@ -1,0 +1,166 @@
+"""Compile and warm the Triton block-sparse attention kernels for the configured task shapes (compile.sh).
+
+    python -m sat.kernels.warmup                          # CUDA: build forward + backward for every shape
+    TRITON_INTERPRET=1 python -m sat.kernels.warmup --smoke  # any machine: tiny interpreter check
+
+Triton keeps compiled kernels in its on-disk cache (~/.triton/cache), so a training run started afterwards
+skips the compilation. Shapes come from config.py through sat.config (sequence length rounded up to the
+block size, heads, head dim, block size, shared or per-head layout); without a usable config the built-in
+SPEC.md section 6 shapes are used. ViT-S is added when no configured task has its shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sat.kernels.reference import reference_attention
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One attention shape the kernels are built for."""
+
+    name: str
+    seq_len: int  # already a multiple of block_size
+    heads: int
+    head_dim: int
+    block_size: int
+    density: float = 0.05
+    per_head: bool = False
+
+
+VIT_S = Shape("vit-s/16 (197 tokens padded)", 256, 6, 64, 32, 0.1)
+BUILTIN_SHAPES = (
+    Shape("lra-listops", 2048, 2, 32, 64, 0.04),
+    Shape("lra-text", 4096, 2, 32, 64, 0.05),
+    Shape("lra-retrieval", 4096, 2, 32, 64, 0.021),
+    Shape("lra-image", 1024, 2, 32, 32, 0.05),
+    Shape("lra-pathfinder", 1024, 2, 32, 32, 0.05),
+    VIT_S,
+)
+
+
+def configured_shapes() -> tuple[list[Shape], str]:
+    """Shapes of every task in config.py, and where they came from (falls back to the built-in list)."""
+    try:
+        from sat.config import load_config, tasks
+
+        shapes = []
+        for task in tasks():
+            cfg = load_config(task)
+            bs = cfg.sparsity.block_size
+            n = math.ceil(cfg.dataset.max_seq_len / bs) * bs
+            shapes.append(Shape(task, n, cfg.model.num_heads, cfg.model.head_dim, bs, cfg.sparsity.density,
+                                cfg.sparsity.per_head))
+    except Exception as e:  # no config.py yet, or one this reader does not understand
+        return list(BUILTIN_SHAPES), f"built-in SPEC.md shapes (config.py not usable: {e})"
+    if not shapes:
+        return list(BUILTIN_SHAPES), "built-in SPEC.md shapes (config.py has no tasks)"
+    key = (VIT_S.seq_len, VIT_S.heads, VIT_S.head_dim, VIT_S.block_size)
+    if all((s.seq_len, s.heads, s.head_dim, s.block_size) != key for s in shapes):
+        shapes.append(VIT_S)
+    return shapes, "config.py"
+
+
+def random_layout(heads: int, nb: int, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Top-k style layout: the diagonal plus random blocks, about `density` of each row. (heads, nb, nb)."""
+    k = max(1, round(density * nb))
+    scores = torch.rand(heads, nb, nb, generator=generator) + 2 * torch.eye(nb)  # diagonal always kept
+    idx = scores.topk(k, dim=-1).indices
+    return torch.zeros(heads, nb, nb, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def _run_case(shape: Shape, dtype: torch.dtype, padded: bool, device: str, batch: int = 1
+              ) -> tuple[float, float]:
+    """One forward + backward of the Triton kernel; returns (seconds, max error relative to the reference's
+    largest value, over the output and the three gradients)."""
+    from sat.kernels.blocksparse_triton import triton_block_sparse_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, N, D, bs = batch, shape.heads, shape.seq_len, shape.head_dim, shape.block_size
+    layout = random_layout(H if shape.per_head else 1, N // bs, shape.density, g).to(device)
+    q, k, v = (torch.randn(B, H, N, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    kpm = None
+    if padded:
+        kpm = torch.ones(B, N, dtype=torch.bool, device=device)
+        kpm[:, N - N // 5:] = False
+    dout = torch.randn(B, H, N, D, generator=g).to(device, dtype)
+    start = time.perf_counter()
+    out = triton_block_sparse_attention(q, k, v, layout, bs, kpm)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    ref = reference_attention(q, k, v, layout, bs, kpm)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    err = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+              for a, b in zip((out, *grads), (ref, *ref_grads), strict=True))
+    return seconds, err
+
+
+def warm(dtypes: list[str]) -> int:
+    """Build every (shape, dtype, padding) variant on the GPU and print what was built."""
+    shapes, source = configured_shapes()
+    print(f"building Triton block-sparse attention kernels for {len(shapes)} shapes from {source}")
+    worst = 0.0
+    for shape in shapes:
+        for name in dtypes:
+            for padded in (False, True):
+                first, err = _run_case(shape, _DTYPES[name], padded, "cuda")
+                again, _ = _run_case(shape, _DTYPES[name], padded, "cuda")
+                worst = max(worst, err)
+                print(f"  {shape.name:<30} N={shape.seq_len:<5} H={shape.heads} D={shape.head_dim:<3} "
+                      f"block={shape.block_size:<3} {'per-head' if shape.per_head else 'shared':<8} {name} "
+                      f"{'padded' if padded else 'no-pad':<6}  first call {first:6.2f} s, "
+                      f"warm fwd+bwd {again * 1e3:7.2f} ms, max rel err {err:.1e}")
+    if worst > 2e-2:
+        print(f"FAILED: kernel differs from the reference by {worst:.2e}")
+        return 1
+    print("done: kernels are in the Triton cache")
+    return 0
+
+
+def smoke() -> int:
+    """Tiny forward + backward in the Triton interpreter, compared with the reference."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("--smoke needs TRITON_INTERPRET=1 in the environment (set before Triton is imported)")
+        return 2
+    start = time.perf_counter()
+    shape = Shape("smoke", 64, 2, 16, 16, 0.5)
+    _, err = _run_case(shape, torch.float32, padded=True, device="cpu", batch=2)
+    ok = err < 1e-4
+    print(f"interpreter smoke test (B=2 H=2 N=64 D=16 block=16, fp32): max rel err {err:.1e} "
+          f"in {time.perf_counter() - start:.1f} s: {'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny interpreter check instead of a GPU build")
+    parser.add_argument("--dtypes", default="bf16,fp16",
+                        help="comma-separated input dtypes to build: bf16, fp16, fp32 (default bf16,fp16)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        return smoke()
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = [d for d in dtypes if d not in _DTYPES]
+    if unknown or not dtypes:
+        print(f"unknown dtype(s) {unknown}; choose from {', '.join(_DTYPES)}")
+        return 2
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to build (the torch backend will be used); try --smoke")
+        return 2
+    return warm(dtypes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
