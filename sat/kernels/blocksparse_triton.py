@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sat.kernels import check_layout
+
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GRID_YZ = 65535  # CUDA limit on the second and third grid dimensions (heads, batch)
@@ -404,6 +406,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, out, lse, kpm = ctx.saved_tensors
         dq, dk, dv = _backward(do, q, k, v, out, lse, ctx.tables, kpm, ctx.cfg)
@@ -414,8 +417,6 @@ class _BlockSparseAttention(torch.autograd.Function):
 
 
 def _check_inputs(q, k, v, layout, block_size, key_padding_mask) -> None:
-    from sat.kernels import check_layout
-
     check_layout(q, layout, block_size)
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must have one shape (B, H, N, D); got {tuple(q.shape)}, "

