@@ -25,12 +25,49 @@ def _lra(max_seq_len, num_classes, layers, block, density, batch, lr, steps, war
     }
 
 
+def _vit(dim, heads):
+    """ViT-{Ti,S}/16 on ImageNet folders, the reference experiment (SPEC.md section 6): 224x224 -> 197 tokens
+    padded to 224 (7x7 blocks of 32), batch 128 per GPU, AdamW lr 1e-3, wd 0.03, mixed precision, Monarch
+    MLPs (nblocks 4) densified at 70% of the steps. Epoch count, warm-up, label smoothing and Mixup/CutMix
+    follow the usual DeiT recipe."""
+    return {
+        "dataset": {"kind": "image_folder", "max_seq_len": 0, "num_classes": 1000, "img_size": 224,
+                    "patch_size": 16, "num_workers": 8, "crop_pct": 0.875},
+        "model": {
+            "num_layers": 12, "dim": dim, "hidden_dim": 4 * dim, "num_heads": heads, "head_dim": dim // heads,
+            "dropout": 0.0, "attn_dropout": 0.0, "pooling": "cls", "mlp": "monarch", "nblocks": 4,
+        },
+        "training": {
+            "batch_size": 128, "learning_rate": 1e-3, "weight_decay": 0.03, "epochs": 300, "warmup_epochs": 5,
+            "eval_frequency": 2500, "num_eval_batches": 0, "clip_value": 0.0, "amp": "auto",
+            "label_smoothing": 0.1, "mixup": 0.8, "cutmix": 1.0,
+        },
+        "sparsity": {
+            "sk": 1.7, "ds": 1.3, "density": 0.1, "block_size": 32, "attn_loss_scale": 0.01,
+            "monitor_every": 1, "max_dense_steps": 0, "lr_scale_after_transition": 0.5,
+            "pattern": "learned", "per_head": False, "s2d_fraction": 0.7, "enabled": True,
+        },
+    }
+
+
 CONFIG = {
     "lra-listops": _lra(2048, 10, 4, 64, 0.04, 128, 8e-4, 30000, 1000, 500),
     "lra-text": _lra(4096, 2, 2, 64, 0.05, 32, 5e-4, 20000, 1000, 500),
     "lra-retrieval": _lra(4096, 2, 2, 64, 0.021, 32, 5e-4, 40000, 800, 500, two_inputs=True),
     "lra-image": _lra(1024, 10, 2, 32, 0.05, 512, 2e-3, 10000, 175, 200),
     "lra-pathfinder": _lra(1024, 2, 2, 32, 0.05, 512, 2e-3, 62500, 312, 1000),
+    "imagenet-vit-ti": _vit(192, 3),
+    "imagenet-vit-s": _vit(384, 6),
+}
+
+# A ViT small enough for a CPU smoke run on any image folder (class count read from the folders): 32 px,
+# patch 8 -> 17 tokens padded to 24 (3x3 blocks of 8), 2 layers of width 32, the switch backstopped at 10.
+_VIT_TINY = {
+    "dataset": {"img_size": 32, "patch_size": 8, "num_classes": 0, "num_workers": 1},
+    "model": {"num_layers": 2, "dim": 32, "hidden_dim": 128, "num_heads": 2, "head_dim": 16},
+    "training": {"batch_size": 8, "epochs": 0, "warmup_epochs": 0, "train_steps": 30, "warmup_steps": 3,
+                 "eval_frequency": 10, "amp": "off"},
+    "sparsity": {"block_size": 8, "density": 0.4, "max_dense_steps": 10},
 }
 
 # Presets: partial dicts merged over CONFIG[task]. "quick" is the README's main job: generated ListOps at a
@@ -46,4 +83,5 @@ PRESETS = {
             "sparsity": {"block_size": 32, "density": 0.25, "max_dense_steps": 1000},
         },
     },
+    "tiny": {"imagenet-vit-ti": _VIT_TINY, "imagenet-vit-s": _VIT_TINY},
 }

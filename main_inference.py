@@ -1,4 +1,4 @@
-"""Evaluate a saved run: test accuracy, mean batch latency and peak memory.
+"""Evaluate a saved run: test accuracy (top-1 and top-5), mean batch latency and peak memory.
 
     python main_inference.py --mode eval --task lra-image --random 1001 --name sat
 """
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError(f"checkpoint holds task {state['task']}, not {a.task}; check --task")
         cfg = from_dict(state["config"])
         data_dir = Path(a.data_dir) if a.data_dir else Path(state["data_dir"])
-        splits, _ = load_data(cfg, data_dir)
+        splits, _ = load_data(cfg, data_dir, need_train=a.split == "train")
         model = _model_from_state(state, dev, a.backend)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         die(str(e))
     sparse = any(layer.is_sparse for layer in model.attention_layers())
     out = {"task": a.task, "name": a.name, "checkpoint_step": state["step"], "split": a.split,
-           "accuracy": res["accuracy"], "examples": res["examples"], "mean_batch_latency_ms": res["latency_ms"],
+           "accuracy": res["accuracy"], "top5": res["top5"], "examples": res["examples"],
+           "mean_batch_latency_ms": res["latency_ms"],
            "peak_memory_mb": peak_memory_mb(dev), "attention": "block-sparse" if sparse else "dense"}
-    print(f"{a.split} accuracy {res['accuracy']:.4f} on {res['examples']} examples "
+    print(f"{a.split} accuracy {res['accuracy']:.4f} (top-5 {res['top5']:.4f}) on {res['examples']} examples "
           f"({out['attention']} attention, checkpoint of step {state['step']}); mean batch latency "
           f"{res['latency_ms']:.2f} ms; peak memory {out['peak_memory_mb']:.0f} MB")
     print(json.dumps(out))

@@ -2,6 +2,8 @@
 
     python main_train.py --mode train --task lra-image --random 1001 --name sat --sk 1.7 --ds 1.3
     python main_train.py --task lra-listops --preset quick          # generated ListOps, minutes on a CPU
+    python main_train.py --task imagenet-vit-s --data_dir /data/imagenet --amp bf16
+    torchrun --nproc_per_node=8 main_train.py --task imagenet-vit-s --data_dir /data/imagenet  # 8 GPUs
 
 Exit codes: 0 success, 2 bad usage or bad input (one-line error), 1 a failure during training.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,12 +24,15 @@ from sat.data.format import DataError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mode", default="train", choices=["train", "eval"], help="eval = main_inference.py --mode eval")
-    p.add_argument("--task", required=True, help="lra-listops, lra-text, lra-retrieval, lra-image, lra-pathfinder")
+    p.add_argument("--task", required=True,
+                   help="lra-listops, lra-text, lra-retrieval, lra-image, lra-pathfinder, imagenet-vit-ti, "
+                        "imagenet-vit-s")
     p.add_argument("--random", type=int, default=1001, help="seed; also names logs/log-{random} and checkpoints")
     p.add_argument("--name", default="sat", help="run name inside logs/ and checkpoints/")
     p.add_argument("--sk", type=float, help="skewness threshold (SAT default 1.7)")
     p.add_argument("--ds", type=float, help="drift threshold in percent (SAT default 1.3)")
     p.add_argument("--train_steps", type=int, help="total optimizer steps")
+    p.add_argument("--epochs", type=float, help="train this many epochs (steps from the dataset size)")
     p.add_argument("--density", type=float, help="fraction of attention blocks kept after the switch")
     p.add_argument("--block_size", type=int, help="attention block size")
     p.add_argument("--batch_size", type=int)
@@ -36,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="named settings from config.py PRESETS, e.g. 'quick'")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set model.num_layers=1 (repeatable)")
-    p.add_argument("--data_dir", help="folder of processed .npz files (default data/{task})")
+    p.add_argument("--data_dir", help="processed .npz files (default data/{task}); image tasks: the folder "
+                                      "holding train/ and val/ class folders")
+    p.add_argument("--img_size", type=int, help="image tasks: input size in pixels (a multiple of the patch)")
+    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"],
+                   help="mixed precision (auto = bf16 on CUDA, off on CPU)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "reference"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto = cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue the last checkpoint of this --name")
@@ -53,9 +63,15 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
             o["sparsity"][key] = getattr(a, key)
     if a.no_switch:
         o["sparsity"]["enabled"] = False
-    for key in ("train_steps", "batch_size", "learning_rate"):
+    for key in ("train_steps", "batch_size", "learning_rate", "epochs", "amp"):
         if getattr(a, key) is not None:
             o["training"][key] = getattr(a, key)
+    if a.train_steps is not None and a.epochs is not None:
+        raise ConfigError("pass either --train_steps or --epochs, not both")
+    if a.train_steps is not None:
+        o["training"]["epochs"] = 0  # explicit steps replace the task's epoch count
+    if a.img_size is not None:
+        o["dataset"] = {"img_size": a.img_size}
     for item in a.set:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
@@ -79,6 +95,16 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def _lost_peer(e: BaseException) -> bool:
+    """A torch.distributed failure caused by a rank that is gone (its process died or its host left)."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
+        isinstance(e, getattr(dist, "DistError", ())) or "closed by peer" in text or "reset by peer" in text
+        or "remote worker" in text or "NCCL" in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.mode == "eval":
@@ -87,24 +113,42 @@ def main(argv: list[str] | None = None) -> int:
         return main_inference.main(["--mode", "eval", "--task", a.task, "--random", str(a.random),
                                     "--name", a.name, "--root", a.root, "--device", a.device, "--backend", a.backend]
                                    + (["--data_dir", a.data_dir] if a.data_dir else []))
+    from sat import distributed
     from sat.train import RunPaths, TrainingError, default_data_dir, prepare_data, train
 
     try:
         cfg = load_config(a.task, a.preset, overrides_from_args(a))
         device = resolve_device(a.device)
         data_dir = Path(a.data_dir) if a.data_dir else default_data_dir(cfg, a.root)
+        if Path(a.root).exists() and not Path(a.root).is_dir():
+            die(f"--root {a.root} is not a folder; pass the folder that holds (or will hold) logs/ and "
+                f"checkpoints/")
         paths = RunPaths.make(a.root, a.random, a.task, a.name)
         if not a.resume and paths.last.exists():
             die(f"a run named {a.name!r} already exists at {paths.last}; pass --resume to continue it or choose "
                 f"another --name")
-        if a.data_dir is None:
+        info, device = distributed.init_from_env(device)  # under torchrun: join the group, one GPU per rank
+        if a.data_dir is None and info.is_main:
             prepare_data(cfg, data_dir)
+        distributed.barrier()
         train(cfg, paths, data_dir, device=device, backend=a.backend, seed=a.random, resume=a.resume,
               progress=not a.no_progress, stop_at=a.stop_at)
     except (ConfigError, DataError, CheckpointError) as e:
         die(str(e))
     except TrainingError as e:
         die(str(e), code=1)
+    except OSError as e:  # disk full, no permission...: checkpoints are written atomically, the last stays
+        where = f" ({e.filename})" if e.filename else ""
+        die(f"{e.strerror or e}{where}; free disk space or fix permissions, then continue with --resume",
+            code=1)
+    except RuntimeError as e:  # under torchrun: a collective failed because another rank died
+        if not _lost_peer(e):
+            raise
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        die(f"rank {os.environ.get('RANK', '0')}: another rank stopped ({first}); the last checkpoint is kept: "
+            f"start every rank again with --resume", code=1)
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -1,32 +1,61 @@
 """Checkpoints: everything a resumed run needs, written atomically, read without executing code.
 
 Write: temporary file in the same folder, flush and fsync, then rename over the target (and fsync the
-folder), so a crash leaves either the old checkpoint or the new one, never a torn file. Read:
-torch.load(weights_only=True), which refuses anything but tensors and plain containers.
+folder), so a crash leaves either the old checkpoint or the new one, never a torn file. A temporary file that
+a killed process left behind (SIGKILL mid-write) is removed by the next save of the same checkpoint. Read:
+first every record's CRC-32 is checked (torch.load alone would accept flipped bytes inside a tensor), then
+torch.load(weights_only=True), which refuses anything but tensors and plain containers (a pickled object
+is refused without being run), then a check that the state has the keys and types every reader relies on.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
 
 FORMAT_VERSION = 1
 
+# Keys every SAT checkpoint holds (sat/train.py `_state`) and the types the readers rely on.
+REQUIRED = {"task": str, "config": dict, "step": int, "model": dict, "scheduler": dict, "vocab_size": int,
+            "data_dir": str, "optimizer": dict, "train_loader": dict, "rng": dict, "timing": dict,
+            "best_dev_accuracy": float}
+CONFIG_SECTIONS = ("dataset", "model", "training", "sparsity")
+
 
 class CheckpointError(Exception):
     """Missing, corrupt or mismatched checkpoint; the message says what to do (exit code 2)."""
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of `path` left by a process killed while writing it (never a finished file)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            stale.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def atomic_write(path: str | Path, write, fsync_dir: bool = True) -> None:
+    """Write `path` through `write(binary file)` into a temporary file, fsync it and rename it over `path`:
+    readers (and a crash at any point) see the old file or the new one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT_VERSION, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -34,23 +63,65 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    if fsync_dir:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save({"format": FORMAT_VERSION, **state}, f))
+
+
+def _verify_crc(path: Path) -> None:
+    """Every record of the checkpoint (a zip archive) against its CRC-32; raises CheckpointError."""
+    redo = "delete it and retrain, or use the other saved checkpoint"
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as e:  # not a zip, truncated, damaged directory...
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a SAT checkpoint ({type(e).__name__}: "
+                              f"{str(e)[:100]}); {redo}") from e
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt (record {bad} fails its CRC check); {redo}")
+
+
+def _check_state(state, path: Path) -> dict:
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not a SAT checkpoint of format {FORMAT_VERSION}; retrain to create "
+                              f"one")
+    for key, typ in REQUIRED.items():
+        value = state.get(key)
+        ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+        if typ is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise CheckpointError(f"checkpoint {path} is damaged ({key!r} missing or not a {typ.__name__}); "
+                                  f"delete it and retrain, or use the other saved checkpoint")
+    config = state["config"]
+    if config.get("task", state["task"]) != state["task"] or not all(
+            isinstance(config.get(s), dict) for s in CONFIG_SECTIONS):
+        raise CheckpointError(f"checkpoint {path} is damaged (its config is incomplete); delete it and "
+                              f"retrain, or use the other saved checkpoint")
+    return state
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; train first (main_train.py) or check --random/--name/--task")
+        raise CheckpointError(f"no checkpoint at {path}; train first (main_train.py) or check "
+                              f"--random/--name/--task")
+    _verify_crc(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types here (UnpicklingError for refused content, zip errors...)
+    except Exception as e:  # many types here (UnpicklingError for refused content, zip errors...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a SAT checkpoint ({first}); delete it and "
-                              f"retrain, or use the other saved checkpoint") from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is not a SAT checkpoint of format {FORMAT_VERSION}; retrain to create one")
-    return state
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a SAT checkpoint ({first}); delete it "
+                              f"and retrain, or use the other saved checkpoint") from e
+    return _check_state(state, path)

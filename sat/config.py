@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import importlib.util
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class DatasetConfig:
-    max_seq_len: int
-    num_classes: int
+    max_seq_len: int               # padded tokens; image_folder: 0 = 1 + (img/patch)^2 rounded up to blocks
+    num_classes: int               # image_folder: 0 = the number of class folders in {data_dir}/train
     two_inputs: bool = False
     vocab_size: int = 0            # 0 = read from the processed data's meta.json
     generate: dict = field(default_factory=dict)   # ListOps generator settings for presets
+    kind: str = "lra"              # lra (processed .npz) | image_folder ({data_dir}/{train,val}/{class}/)
+    img_size: int = 224            # image_folder: square input size
+    patch_size: int = 16           # image_folder: ViT patch size
+    num_workers: int = 8           # image_folder: DataLoader worker processes per rank
+    crop_pct: float = 0.875        # image_folder: evaluation resizes to img_size / crop_pct, centre-crops
 
 
 @dataclass
@@ -48,11 +54,16 @@ class ModelConfig:
 
 @dataclass
 class TrainingConfig:
-    batch_size: int
+    batch_size: int                # per process (per GPU under torchrun)
     learning_rate: float
-    train_steps: int
+    train_steps: int = 0           # total optimizer steps (ignored when epochs > 0)
+    epochs: float = 0.0            # > 0: train_steps = round(epochs * batches per epoch of one rank)
     weight_decay: float = 0.01
     warmup_steps: int = 0
+    warmup_epochs: float = 0.0     # > 0: warmup_steps = round(warmup_epochs * batches per epoch)
+    label_smoothing: float = 0.0
+    mixup: float = 0.0             # Mixup alpha (image_folder tasks; 0 = off)
+    cutmix: float = 0.0            # CutMix alpha (image_folder tasks; 0 = off)
     eval_frequency: int = 500
     num_eval_batches: int = 0      # 0 = the whole dev split
     clip_value: float = 1.0
@@ -103,7 +114,7 @@ def tasks() -> list[str]:
 
 
 def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -121,7 +132,10 @@ def _coerce(section: str, name: str, value: Any, typ) -> Any:
     where = f"{section}.{name}"
     typ = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}.get(typ, typ)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if typ is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key {where} must be a finite number, got {value!r}; fix it in config.py or "
+                          f"on the command line")
     if (typ is int and isinstance(value, bool)) or not isinstance(value, typ):
         raise ConfigError(f"config key {where} must be of type {typ.__name__}, got {value!r}; fix it in config.py "
                           f"or on the command line")
@@ -130,6 +144,9 @@ def _coerce(section: str, name: str, value: Any, typ) -> Any:
 
 def _build_section(section: str, values: dict):
     cls = SECTIONS[section]
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {section} must map keys to values, got {values!r}; set single keys "
+                          f"with --set {section}.KEY=VALUE")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
         if key not in fields:
@@ -146,9 +163,10 @@ def _build_section(section: str, values: dict):
 def validate(cfg: TaskConfig) -> TaskConfig:
     """Value checks that cut across fields; raise ConfigError."""
     d, m, t, s = cfg.dataset, cfg.model, cfg.training, cfg.sparsity
+    image = d.kind == "image_folder"
     checks = [
         (d.max_seq_len > 0, "dataset.max_seq_len must be positive"),
-        (d.num_classes >= 2, "dataset.num_classes must be at least 2"),
+        (d.num_classes >= 2 or image, "dataset.num_classes must be at least 2"),
         (m.num_layers > 0 and m.dim > 0 and m.hidden_dim > 0 and m.num_heads > 0 and m.head_dim > 0,
          "model sizes (num_layers, dim, hidden_dim, num_heads, head_dim) must be positive"),
         (0.0 <= m.dropout < 1.0 and 0.0 <= m.attn_dropout < 1.0, "model dropouts must lie in [0, 1)"),
@@ -157,7 +175,25 @@ def validate(cfg: TaskConfig) -> TaskConfig:
         (m.nblocks >= 1, "model.nblocks must be at least 1"),
         (t.batch_size > 0, "training.batch_size must be positive"),
         (t.learning_rate > 0, "training.learning_rate must be positive"),
-        (t.train_steps > 0, "training.train_steps must be positive (use --train_steps N with N >= 1)"),
+        (t.train_steps > 0 or t.epochs > 0,
+         "training.train_steps must be positive (use --train_steps N with N >= 1, or --epochs E)"),
+        (t.train_steps >= 0 and t.epochs >= 0 and t.warmup_epochs >= 0,
+         "training.train_steps, epochs and warmup_epochs must be >= 0"),
+        (0.0 <= t.label_smoothing < 1.0, "training.label_smoothing must lie in [0, 1)"),
+        (t.mixup >= 0 and t.cutmix >= 0, "training.mixup and training.cutmix (alphas) must be >= 0"),
+        (image or (t.mixup == 0 and t.cutmix == 0),
+         "training.mixup / cutmix apply to image_folder tasks only"),
+        (d.kind in ("lra", "image_folder"), f"dataset.kind must be 'lra' or 'image_folder', got {d.kind!r}"),
+        (not image or (d.patch_size > 0 and d.img_size > 0 and d.img_size % d.patch_size == 0),
+         f"dataset.img_size {d.img_size} must be a positive multiple of dataset.patch_size {d.patch_size}"),
+        (not image or d.max_seq_len >= image_tokens(d),
+         f"dataset.max_seq_len {d.max_seq_len} is shorter than the {image_tokens(d) if image else 0} image "
+         f"tokens; set it to 0 (derived)"),
+        (not image or (not d.two_inputs and (d.num_classes == 0 or d.num_classes >= 2)),
+         "image_folder tasks have one input and num_classes >= 2 (or 0 = count the class folders)"),
+        (d.num_workers >= 0 and 0.0 < d.crop_pct <= 1.0,
+         "dataset.num_workers must be >= 0, crop_pct in (0, 1]"),
+        (image or m.pooling == "mean", "model.pooling 'cls' needs a class token: image_folder tasks only"),
         (t.warmup_steps >= 0 and t.eval_frequency > 0 and t.num_eval_batches >= 0,
          "training.warmup_steps and num_eval_batches must be >= 0 and eval_frequency > 0"),
         (t.weight_decay >= 0 and t.clip_value >= 0, "training.weight_decay and clip_value must be >= 0"),
@@ -177,10 +213,46 @@ def validate(cfg: TaskConfig) -> TaskConfig:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _check_generate(d)
     nb = d.max_seq_len // s.block_size
     if int(nb * nb * s.density) < 1:
         raise ConfigError(f"density {s.density} keeps no block of the {nb}x{nb} block grid; raise --density or "
                           f"lower block_size")
+    return cfg
+
+
+# dataset.generate: keyword arguments of sat.data.listops.generate_listops and their (type, lowest value)
+GENERATE = {"n_train": (int, 1), "n_val": (int, 1), "n_test": (int, 1), "min_len": (int, 1),
+            "max_len": (int, 1), "max_depth": (int, 1), "seed": (int, 0), "max_args": (int, 2),
+            "value_p": (float, 0.0)}
+
+
+def _check_generate(d: DatasetConfig) -> None:
+    for key, value in d.generate.items():
+        if key not in GENERATE:
+            raise ConfigError(f"unknown key dataset.generate.{key}{_suggest(key, GENERATE)}; valid keys: "
+                              f"{', '.join(GENERATE)}")
+        typ, low = GENERATE[key]
+        ok = isinstance(value, (int, float) if typ is float else int) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or value < low or (key == "value_p" and value > 1):
+            want = "a number in [0, 1]" if typ is float else f"an integer >= {low}"
+            raise ConfigError(f"dataset.generate.{key} must be {want}, got {value!r}")
+    lo, hi = d.generate.get("min_len", 1), d.generate.get("max_len", d.max_seq_len)
+    if d.generate and not lo <= hi <= d.max_seq_len:
+        raise ConfigError(f"dataset.generate needs min_len <= max_len <= dataset.max_seq_len, got {lo}, {hi}, "
+                          f"{d.max_seq_len}")
+
+
+def image_tokens(d: DatasetConfig) -> int:
+    """Real tokens of an image task: the class token + (img_size / patch_size)^2 patches."""
+    return 1 + (d.img_size // max(d.patch_size, 1)) ** 2
+
+
+def _derive(cfg: TaskConfig) -> TaskConfig:
+    """Image tasks with max_seq_len 0: the tokens padded up to a multiple of the block size (SPEC.md s.4)."""
+    d, bs = cfg.dataset, cfg.sparsity.block_size
+    if d.kind == "image_folder" and d.max_seq_len == 0 and bs > 0:
+        d.max_seq_len = -(-image_tokens(d) // bs) * bs
     return cfg
 
 
@@ -202,13 +274,13 @@ def load_config(task: str, preset: str | None = None, overrides: dict | None = N
             raise ConfigError(f"unknown config section {section!r}{_suggest(section, SECTIONS)}; sections are "
                               f"{', '.join(SECTIONS)}")
     built = {name: _build_section(name, raw.get(name, {})) for name in SECTIONS}
-    return validate(TaskConfig(task=task, **built))
+    return validate(_derive(TaskConfig(task=task, **built)))
 
 
 def from_dict(d: dict) -> TaskConfig:
     """Rebuild a TaskConfig saved with to_dict() (checkpoints)."""
     built = {name: _build_section(name, d[name]) for name in SECTIONS}
-    return validate(TaskConfig(task=d["task"], **built))
+    return validate(_derive(TaskConfig(task=d["task"], **built)))
 
 
 def die(message: str, code: int = 2) -> None:

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +50,9 @@ def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -87,31 +89,46 @@ def load_meta(data_dir: str | Path, task: str) -> dict:
         raise DataError(f"{path} is not valid JSON ({e}); re-run the preprocess script with --force") from e
 
 
+def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x, lengths, y of one .npz, read without pickle; any unreadable content is a DataError."""
+    corrupt = f"{path} is truncated or corrupt"
+    redo = "re-create it with the preprocess script"
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # zip, header and array parsers raise many types on damaged bytes
+        if "allow_pickle" in str(e):
+            raise DataError(f"{path} holds pickled data, which is refused (it could run code); {redo}") from e
+        raise DataError(f"{corrupt} ({type(e).__name__}: {str(e)[:120]}); {redo}") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} is not an .npz archive; {redo}")
+    with z:
+        missing = {"x", "lengths", "y"} - set(z.files)
+        if missing:
+            raise DataError(f"{path} lacks arrays {sorted(missing)}; {redo}")
+        try:
+            return z["x"], z["lengths"], z["y"]
+        except Exception as e:
+            if "allow_pickle" in str(e):  # object arrays need pickle: refused, never unpickled
+                raise DataError(f"{path} holds object arrays (pickle), which are refused; {redo}") from e
+            raise DataError(f"{corrupt} ({type(e).__name__}: {str(e)[:120]}); {redo}") from e
+
+
 def load_split(data_dir: str | Path, task: str, split: str, num_classes: int | None = None) -> Split:
     """Read and validate one split; every problem is a DataError saying what to do."""
     path = split_path(data_dir, task, split)
     if not path.is_file():
         raise DataError(f"no {path}: run the preprocess script for {task} (see README) or pass --data_dir")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = {"x", "lengths", "y"} - set(z.files)
-            if missing:
-                raise DataError(f"{path} lacks arrays {sorted(missing)}; re-run the preprocess script with --force")
-            x, lengths, y = z["x"], z["lengths"], z["y"]
-    except DataError:
-        raise
-    except ValueError as e:  # object arrays need pickle: refused
-        raise DataError(f"{path} holds object arrays (pickle), which are refused; re-create it with the "
-                        f"preprocess script") from e
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"{path} is truncated or corrupt ({e}); re-create it with the preprocess script") from e
-    if not (np.issubdtype(x.dtype, np.integer) and np.issubdtype(y.dtype, np.integer)):
-        raise DataError(f"{path}: x and y must be integer arrays; re-create it with the preprocess script")
-    n = y.shape[0]
-    if n == 0:
+    x, lengths, y = _read_arrays(path)
+    redo = "re-create it with the preprocess script"
+    if not all(np.issubdtype(a.dtype, np.integer) for a in (x, lengths, y)):
+        raise DataError(f"{path}: x, lengths and y must be integer arrays; {redo}")
+    if x.ndim not in (2, 3) or y.ndim != 1 or lengths.shape != x.shape[:-1] or x.shape[0] != y.shape[0]:
+        raise DataError(f"{path}: inconsistent shapes x{x.shape} lengths{lengths.shape} y{y.shape}; {redo}")
+    if y.shape[0] == 0:
         raise DataError(f"{path} is an empty split; re-create it from a non-empty raw data set")
-    if x.shape[0] != n or lengths.shape[0] != n or x.ndim not in (2, 3) or lengths.shape != x.shape[:-1]:
-        raise DataError(f"{path}: inconsistent shapes x{x.shape} lengths{lengths.shape} y{y.shape}")
+    if x.shape[-1] == 0 or lengths.min() < 1 or lengths.max() > x.shape[-1]:
+        raise DataError(f"{path}: lengths must lie in [1, {x.shape[-1]}], found [{lengths.min()}, "
+                        f"{lengths.max()}]; {redo}")
     if num_classes is not None and (y.min() < 0 or y.max() >= num_classes):
         raise DataError(f"{path}: labels must lie in [0, {num_classes - 1}], found [{y.min()}, {y.max()}]; "
                         f"check the task's num_classes or re-create the data")

@@ -1,0 +1,101 @@
+"""Data-parallel training with PyTorch's own stack: torchrun starts one process per GPU (or per CPU slot) and
+sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init_from_env` joins the process group
+(nccl on CUDA, gloo on CPU) and pins the process to cuda:LOCAL_RANK. Without torchrun (WORLD_SIZE unset or 1)
+every helper here is a no-op on one process, so the training loop calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    """The world size torchrun announced (1 when not started by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_from_env(device: str) -> tuple[DistInfo, str]:
+    """Join torchrun's process group; returns (rank info, this process's device). `device` "cuda" or
+    "cuda:K" becomes cuda:LOCAL_RANK; "cpu" stays (gloo)."""
+    if env_world_size() <= 1:
+        return DistInfo(), device
+    rank, world, local = int(os.environ["RANK"]), env_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://")
+    return DistInfo(rank, world, local), str(dev)
+
+
+def current() -> DistInfo:
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if current().enabled:
+        dist.barrier()
+
+
+def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Element-wise mean over ranks of a list of same-shaped tensors (one collective). Every rank gets the
+    same reduced buffer, so decisions taken from it agree bitwise."""
+    info = current()
+    if not info.enabled:
+        return tensors
+    stacked = torch.stack([t.detach() for t in tensors])  # (L, ...)
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+    return list((stacked / info.world).unbind(0))
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    if current().enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """True only if `flag` is True on every rank."""
+    if not current().enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite `t` in place with rank `src`'s copy (bool tensors travel as uint8)."""
+    if not current().enabled:
+        return t
+    buf = t.to(torch.uint8) if t.dtype == torch.bool else t
+    dist.broadcast(buf, src)
+    if buf is not t:
+        t.copy_(buf.bool())
+    return t

@@ -1,0 +1,47 @@
+"""LRA under torchrun (2 CPU ranks, gloo): rank-sharded batches, both transitions at the same step on every
+rank, rank 0 alone writes the outputs, and the checkpoint evaluates with main_inference."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from preprocess.create_listops import preprocess_listops
+from sat.data.listops import generate_listops
+from tests.conftest import ROOT
+
+SETS = ['model.mlp="monarch"', "model.nblocks=2", "sparsity.s2d_fraction=0.625", "model.num_layers=2",
+        "model.dim=16", "model.hidden_dim=32", "model.head_dim=8", "training.batch_size=4",
+        "training.eval_frequency=4", "dataset.max_seq_len=64", "sparsity.block_size=16",
+        "sparsity.density=0.2"]
+
+
+@pytest.mark.slow
+def test_lra_two_ranks_take_transitions_together(tmp_path):
+    generate_listops(tmp_path / "raw", n_train=40, n_val=8, n_test=8, min_len=20, max_len=60, seed=2)
+    preprocess_listops(tmp_path / "raw", tmp_path / "data", max_len=64)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "main_train.py"), "--task", "lra-listops", "--train_steps", "24",
+                        "--max_dense_steps", "8", "--random", "3", "--no_progress", "--backend", "torch",
+                        "--device", "cpu", "--data_dir", str(tmp_path / "data"), "--name", "ddp",
+                        *[f"--set={s}" for s in SETS]], capture_output=True, text=True, cwd=tmp_path, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-5000:]
+    found = {}
+    for rank, kind, step in re.findall(r"rank (\d)/2: (sparsify|densify) at step (\d+)", r.stderr):
+        found.setdefault(kind, {})[int(rank)] = int(step)
+    assert found == {"sparsify": {0: 8, 1: 8}, "densify": {0: 15, 1: 15}}
+    s = json.loads((tmp_path / "logs" / "log-3" / "lra-listops" / "ddp.summary.json").read_text())
+    assert (s["transition_step"], s["densify_step"], s["world_size"], s["global_batch_size"]) == (8, 15, 2, 8)
+    assert 0.0 <= s["test_accuracy"] <= s["test_top5"] <= 1.0
+    e = subprocess.run([sys.executable, str(ROOT / "main_inference.py"), "--mode", "eval", "--task",
+                        "lra-listops", "--random", "3", "--name", "ddp", "--which", "last", "--device",
+                        "cpu"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert e.returncode == 0, e.stderr[-3000:]
+    out = json.loads(e.stdout.strip().splitlines()[-1])
+    assert out["checkpoint_step"] == 24 and out["attention"] == "block-sparse"
