@@ -30,6 +30,10 @@ def run(root: Path, seed: int, name: str, extra: list[str]) -> dict:
     return {**summary, "wall_s": wall}
 
 
+def sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1001, 1002, 1003])
@@ -50,7 +54,6 @@ def main() -> None:
     for mode, rs in results.items():
         acc = [100 * r["test_accuracy"] for r in rs]
         wall = [r["wall_s"] for r in rs]
-        sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
         switches = ", ".join(f"{r['transition_step']} ({r['transition_reason']})" for r in rs)
         print(f"{mode:<14}{statistics.mean(acc):>14.2f}{sd(acc):>8.2f}{statistics.mean(wall):>13.1f}"
               f"{sd(wall):>8.1f}  {switches}")

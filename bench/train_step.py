@@ -50,7 +50,8 @@ def child(phase: str, batch: int, density: float, steps: int, backend: str) -> d
         logits = model(data, collect=collect)
         loss = F.cross_entropy(logits, data.y)
         if collect:
-            loss = loss + cfg.sparsity.attn_loss_scale * sum(layer.stats.pattern_loss for layer in model.attention_layers())
+            pattern = sum(layer.stats.pattern_loss for layer in model.attention_layers())
+            loss = loss + cfg.sparsity.attn_loss_scale * pattern
             maps = [layer.stats.mean_map for layer in model.attention_layers()]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -153,8 +153,9 @@ def _build_section(section: str, values: dict):
             raise ConfigError(f"unknown config key {section}.{key}{_suggest(key, fields)}; valid keys: "
                               f"{', '.join(fields)}")
     kwargs = {k: _coerce(section, k, v, fields[k].type) for k, v in values.items()}
-    missing = [f.name for f in fields.values()
-               if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [f.name for f in fields.values()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in kwargs]
     if missing:
         raise ConfigError(f"config section {section} lacks required keys {missing}; add them in config.py")
     return cls(**kwargs)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from sat.fileio import atomic_write
 
 SPLITS = ("train", "dev", "test")
 
@@ -46,36 +47,18 @@ def meta_path(data_dir: str | Path, task: str) -> Path:
     return Path(data_dir) / f"{task}.meta.json"
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode open() would
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_split(data_dir: str | Path, task: str, split: str, data: Split) -> Path:
     """Write one split atomically (a crash never leaves a half-written .npz)."""
     path = split_path(data_dir, task, split)
     arrays = {"x": data.x.astype(np.int32, copy=False), "lengths": data.lengths.astype(np.int32, copy=False),
               "y": data.y.astype(np.int64, copy=False)}
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
 
 
 def save_meta(data_dir: str | Path, task: str, meta: dict) -> Path:
     path = meta_path(data_dir, task)
-    _atomic_write(path, lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
     return path
 
 

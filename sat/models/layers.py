@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from sat.config import TaskConfig
 from sat.models.attention import Attention
 
 
@@ -47,3 +48,14 @@ class EncoderBlock(nn.Module):
                 collect: bool = False) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), key_padding_mask, collect))
         return x + self.mlp(self.norm2(x))
+
+
+def encoder_blocks(cfg: TaskConfig, seq_len: int, backend: str = "auto") -> nn.ModuleList:
+    """The model's stack of pre-LN blocks over a padded length `seq_len`, as the config describes it."""
+    m, s = cfg.model, cfg.sparsity
+    return nn.ModuleList(
+        EncoderBlock(m.dim, m.hidden_dim,
+                     Attention(m.dim, m.num_heads, m.head_dim, seq_len, s.block_size, m.attn_dropout, s.pattern,
+                               s.per_head, backend),
+                     m.dropout, m.mlp, m.nblocks)
+        for _ in range(m.num_layers))

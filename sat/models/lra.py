@@ -11,27 +11,23 @@ import torch.nn as nn
 from sat.config import TaskConfig
 from sat.data.lra import Batch
 from sat.models.attention import Attention
-from sat.models.layers import EncoderBlock
+from sat.models.layers import encoder_blocks
 
 
 class LRAModel(nn.Module):
     def __init__(self, cfg: TaskConfig, vocab_size: int, backend: str = "auto") -> None:
         super().__init__()
-        m, s = cfg.model, cfg.sparsity
+        m = cfg.model
         n = cfg.dataset.max_seq_len
         self.two_inputs = cfg.dataset.two_inputs
         self.embed = nn.Embedding(vocab_size, m.dim)
         self.pos = nn.Parameter(torch.randn(1, n, m.dim) * 0.02)  # learned positions, (1, N, C)
         self.drop = nn.Dropout(m.dropout)
-        self.blocks = nn.ModuleList(
-            EncoderBlock(m.dim, m.hidden_dim,
-                         Attention(m.dim, m.num_heads, m.head_dim, n, s.block_size, m.attn_dropout,
-                                   s.pattern, s.per_head, backend),
-                         m.dropout, m.mlp, m.nblocks)
-            for _ in range(m.num_layers))
+        self.blocks = encoder_blocks(cfg, n, backend)
         self.norm = nn.LayerNorm(m.dim)
         width = m.dim * (4 if self.two_inputs else 1)
-        self.head = nn.Sequential(nn.Linear(width, m.hidden_dim), nn.ReLU(), nn.Linear(m.hidden_dim, cfg.dataset.num_classes))
+        self.head = nn.Sequential(nn.Linear(width, m.hidden_dim), nn.ReLU(),
+                                  nn.Linear(m.hidden_dim, cfg.dataset.num_classes))
 
     def attention_layers(self) -> list[Attention]:
         return [b.attn for b in self.blocks]

@@ -15,13 +15,13 @@ import torch.nn as nn
 from sat.config import TaskConfig, image_tokens
 from sat.data.lra import Batch
 from sat.models.attention import Attention
-from sat.models.layers import EncoderBlock
+from sat.models.layers import encoder_blocks
 
 
 class ViT(nn.Module):
     def __init__(self, cfg: TaskConfig, backend: str = "auto") -> None:
         super().__init__()
-        d, m, s = cfg.dataset, cfg.model, cfg.sparsity
+        d, m = cfg.dataset, cfg.model
         if d.num_classes < 2:
             raise ValueError(f"ViT needs num_classes >= 2 (resolved from the data), got {d.num_classes}")
         self.img_size, self.patch_size, self.pooling = d.img_size, d.patch_size, m.pooling
@@ -31,12 +31,7 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(m.dim))                        # (C,)
         self.pos = nn.Parameter(torch.randn(1, self.num_tokens, m.dim) * 0.02)  # (1, T, C), real tokens only
         self.drop = nn.Dropout(m.dropout)
-        self.blocks = nn.ModuleList(
-            EncoderBlock(m.dim, m.hidden_dim,
-                         Attention(m.dim, m.num_heads, m.head_dim, n, s.block_size, m.attn_dropout,
-                                   s.pattern, s.per_head, backend),
-                         m.dropout, m.mlp, m.nblocks)
-            for _ in range(m.num_layers))
+        self.blocks = encoder_blocks(cfg, n, backend)
         self.norm = nn.LayerNorm(m.dim)
         self.head = nn.Linear(m.dim, d.num_classes)
         # The padding is the same for every image: a (1, N) key mask, True = real token.

@@ -62,13 +62,13 @@ class TransitionMonitor:
         if self.prev_maps is None:
             dists = torch.zeros(self.num_layers, dtype=torch.float64, device=skews.device)
         else:
-            dists = torch.stack([frobenius_distance(a, b) for a, b in zip(maps, self.prev_maps)])
+            dists = torch.stack([frobenius_distance(a, b) for a, b in zip(maps, self.prev_maps, strict=True)])
         # One host transfer per monitored step: the decision needs the numbers on the host anyway.
         skew_l, dist_l = torch.stack([skews, dists.to(skews.device)]).cpu().tolist()
         prev_dist = self.prev_dist or [0.0] * self.num_layers
-        drift_l = [abs(d - p) / p * 100.0 if p != 0 else math.nan for d, p in zip(dist_l, prev_dist)]
+        drift_l = [abs(d - p) / p * 100.0 if p != 0 else math.nan for d, p in zip(dist_l, prev_dist, strict=True)]
         passed = all(s >= self.sk and p != 0 and dr < self.ds
-                     for s, p, dr in zip(skew_l, prev_dist, drift_l))
+                     for s, p, dr in zip(skew_l, prev_dist, drift_l, strict=True))
         self.history.append(MonitorRecord(step, skew_l, dist_l, drift_l, passed))
         self.prev_maps = maps
         self.prev_dist = dist_l
