@@ -62,8 +62,8 @@ def child(phase: str, batch: int, density: float, steps: int, backend: str) -> d
 
             [(skewness(m), frobenius_distance(m, m)) for m in maps]  # the monitor's per-step statistics
 
-    step()  # warm-up: allocator, lookup tables, one-time work
-    baseline = rss_peak_mb()
+    baseline = rss_peak_mb()  # idle: model, optimizer and data built, no step taken yet
+    step()  # warm-up: allocator, lookup tables, optimizer state
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()

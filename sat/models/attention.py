@@ -1,8 +1,11 @@
 """Multi-head self-attention shared by every model: dense (with the monitor's statistics) or block-sparse.
 
-Dense phase: scaled_dot_product_attention computes the output; on monitored steps the probabilities are also
-computed without autograd (in batch chunks) to give the batch/head mean map for the monitor and the
-block-pooled map for the pattern. Sparse phase: sat.kernels.block_sparse_attention over the frozen layout.
+Dense phase: unmonitored steps use scaled_dot_product_attention (no probabilities materialised). Monitored
+steps compute the attention explicitly, softmax(q k^T / sqrt(d)) then v, so that the probabilities the
+output is made of also give, at the cost of two reductions, the batch/head mean map for the monitor and the
+block-pooled map for the pattern. (Recomputing them beside SDPA would cost an extra q k^T and softmax; on
+CPU with attention dropout SDPA takes its math path anyway, so the explicit form is no slower there.)
+Sparse phase: sat.kernels.block_sparse_attention over the frozen layout.
 Attention dropout applies in the dense phase only (the block-sparse kernels have none).
 """
 
@@ -17,8 +20,6 @@ import torch.nn.functional as F
 
 from sat.kernels import block_sparse_attention
 from sat.sparsity.pattern import block_pool, pattern_loss, topk_layout
-
-_CHUNK_ELEMENTS = 1 << 25  # probabilities materialised at once on monitored steps (128 MiB of fp32)
 
 
 @dataclass
@@ -89,33 +90,29 @@ class Attention(nn.Module):
             out = block_sparse_attention(q, k, v, self.layout, self.block_size, key_padding_mask, self.backend)
         else:
             mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, N)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                 dropout_p=self.attn_dropout if self.training else 0.0)
+            dropout = self.attn_dropout if self.training else 0.0
             if collect:
-                self.stats = self._statistics(q, k, key_padding_mask)
+                scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, H, N, N)
+                if mask is not None:
+                    scores = scores.masked_fill(~mask, float("-inf"))
+                probs = torch.softmax(scores.float(), dim=-1)  # before dropout: what the monitor reads
+                out = F.dropout(probs, dropout, self.training).to(v.dtype) @ v  # (B, H, N, hd)
+                self.stats = self._statistics(probs)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         out = out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # (B, N, H*hd)
         return self.proj(out)
 
-    def _statistics(self, q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None) -> AttentionStats:
-        """Mean probability map and block-pooled maps, recomputed without autograd in batch chunks."""
-        B, H, N, D = q.shape
-        chunk = max(1, _CHUNK_ELEMENTS // (H * N * N))
-        map_sum = torch.zeros(N, N, device=q.device, dtype=torch.float32)
-        pooled = []
+    def _statistics(self, probs: torch.Tensor) -> AttentionStats:
+        """Mean probability map (no grad) and the pattern loss on the block-pooled probabilities (B, H, N, N)."""
         with torch.no_grad():
-            for s in range(0, B, chunk):
-                scores = (q[s:s + chunk].float() @ k[s:s + chunk].float().transpose(-2, -1)) / math.sqrt(D)
-                if key_padding_mask is not None:
-                    scores.masked_fill_(~key_padding_mask[s:s + chunk, None, None, :], float("-inf"))
-                probs = torch.softmax(scores, dim=-1)  # (b, H, N, N), before dropout
-                map_sum += probs.sum(dim=(0, 1))
-                pooled.append(block_pool(probs, self.block_size))  # (b, H, nb, nb)
-            pooled_t = torch.cat(pooled)  # (B, H, nb, nb)
-            mean_map = map_sum / (B * H)
+            probs = probs.detach()
+            mean_map = probs.mean(dim=(0, 1))  # (N, N)
+            pooled = block_pool(probs, self.block_size)  # (B, H, nb, nb)
             if self.pattern == "measured" and self.training:
-                target = pooled_t.mean(dim=0)  # (H, nb, nb)
+                target = pooled.mean(dim=0)  # (H, nb, nb)
                 target = target.mean(dim=0, keepdim=True) if self.pattern_mean.shape[0] == 1 else target
                 self.pattern_count += 1
                 self.pattern_mean += (target - self.pattern_mean) / self.pattern_count
-        loss = pattern_loss(pooled_t, self.importance()) if self.pattern == "learned" else None
+        loss = pattern_loss(pooled, self.importance()) if self.pattern == "learned" else None
         return AttentionStats(mean_map=mean_map, pattern_loss=loss)
