@@ -1,57 +1,91 @@
 """Block-sparse attention in plain PyTorch: only the active blocks are computed (SPEC.md section 4).
 
-The query-block rows of the layout are grouped into buckets by their number of active key blocks `c`.
+The query-block rows of the layout are grouped into buckets by their number `c` of active key blocks.
 Within a bucket every row has exactly `c` active blocks, so one batched matrix product computes all of its
 scores with no padding and no masking: gather the `c` key blocks of each row (a lookup table of block
 indices), `S = Q K^T` is (rows, bs, c*bs), a fused softmax, `O = P V`. The backward reuses the saved
 probabilities P (memory proportional to the active blocks, like everything else here), so it needs four
-batched products per bucket; dK/dV are scattered back with index_add. The bucket plan is computed once per
-layout and cached, since the layout changes rarely.
+batched products per bucket: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)), dQ = dS K,
+dK = dS^T Q, with dK and dV scattered back by index_add. The bucket plan depends only on the layout, which
+changes rarely, so it is cached.
+
+On a CPU the work is a few hundred small operations, and there are two ways to use the threads (see
+_ThreadChoice): each operation on PyTorch's intra-op thread team, or the batch split over single-threaded
+workers, each running every bucket for its own range of (batch, head) pairs. The faster way is measured at
+run time; the results are identical. Workers take the buckets in pieces small enough to stay in cache;
+temporaries live in per-thread buffers kept between calls, and the softmax and its backward run in place.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+import os
+import statistics
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 @dataclass
 class _Bucket:
-    """Query-block rows that all have `count` active key blocks: positions [start, end) of the plan order."""
+    """The `rows` query-block rows that have exactly `count` active key blocks."""
 
     count: int
-    start: int
-    end: int
-    keys: torch.Tensor  # (r, count) key-block row ids in [0, Hl*nb): h * nb + j, ascending j per row
+    rows: torch.Tensor  # (r,) row ids h * nb + i in [0, Hl*nb)
+    keys: torch.Tensor  # (r, count) key-block row ids h * nb + j, ascending j per row
     key_blocks: torch.Tensor  # (r, count) key-block index j in [0, nb), for the padding mask
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.numel()
 
 
 @dataclass
 class _Plan:
-    """Everything derived from one layout: rows ordered by bucket, the buckets, and the empty rows.
+    """Everything derived from one layout: its buckets and whether some row has no active block.
 
-    Rows are ids h * nb + i in [0, Hl*nb). Tensors are viewed as (G*Hl*nb, bs, D) blocks with the batch
-    G = B*H/Hl leading; queries are permuted once to (rows in plan order, G) so that each bucket is one
-    contiguous slice, while keys and values stay in place and are gathered per bucket.
+    Tensors are viewed as (G*Hl*nb, bs, D) blocks, G = B*H/Hl the batch of (batch, head) pairs sharing a
+    layout; each piece of a bucket gathers its query blocks and their key and value blocks by flat index.
     """
 
     heads: int  # Hl: 1 (shared by heads) or H
     nb: int
-    order: torch.Tensor  # (R',) row ids with at least one active block, grouped by bucket
     buckets: list[_Bucket]
     has_empty_rows: bool
     _flat: dict = field(default_factory=dict)
 
-    def flat_index(self, batch: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Flat block indices for batch G: queries (R'*G,) in (row, g) order; keys per bucket (r*G*c,)."""
+    @property
+    def active_blocks(self) -> int:
+        return sum(b.num_rows * b.count for b in self.buckets)
+
+    def pieces(self, g0: int, g1: int, max_blocks: int | None):
+        """(bucket number, a, b): query blocks [a, b) of a bucket's (g, row) order, covering g in [g0, g1),
+        at most max_blocks active blocks at a time (or one query block) so that a piece can stay in cache;
+        whole buckets for None."""
+        for i, bucket in enumerate(self.buckets):
+            r = bucket.num_rows
+            step = (g1 - g0) * r if max_blocks is None else max(1, max_blocks // bucket.count)
+            for a in range(g0 * r, g1 * r, step):
+                yield i, a, min(a + step, g1 * r)
+
+    def piece_blocks(self, g0: int, g1: int, max_blocks: int | None) -> int:
+        """The most active blocks in one of the pieces: the size of the buffers."""
+        return max(((b - a) * self.buckets[i].count for i, a, b in self.pieces(g0, g1, max_blocks)), default=0)
+
+    def flat_index(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per bucket, flat block indices for G = batch: its query blocks (G*r,) in (g, row) order and their
+        key blocks (G*r*c,) in (g, row, slot) order."""
         if batch not in self._flat:
-            offsets = torch.arange(batch, device=self.order.device) * (self.heads * self.nb)  # (G,)
-            query = (self.order[:, None] + offsets).reshape(-1)
-            keys = [(b.keys[:, None, :] + offsets[:, None]).reshape(-1) for b in self.buckets]
-            self._flat[batch] = (query, keys)
+            self._flat[batch] = []
+            for b in self.buckets:
+                offsets = torch.arange(batch, device=b.rows.device) * (self.heads * self.nb)  # (G,)
+                self._flat[batch].append(((offsets[:, None] + b.rows).reshape(-1),
+                                          (offsets[:, None, None] + b.keys).reshape(-1)))
         return self._flat[batch]
 
 
@@ -64,16 +98,13 @@ def _make_plan(layout: torch.Tensor, device: torch.device) -> _Plan:
     rows_layout = layout.reshape(heads * nb, nb)  # (Hl*nb, nb): one row per (head, query block)
     counts = rows_layout.sum(-1)  # (Hl*nb,)
     head_offset = torch.arange(heads).repeat_interleave(nb) * nb  # (Hl*nb,): h * nb
-    order, buckets, start = [], [], 0
+    buckets = []
     for c in sorted(set(counts.tolist()) - {0}):
         rows = (counts == c).nonzero()[:, 0]  # (r,)
         key_blocks = rows_layout[rows].nonzero()[:, 1].reshape(len(rows), c)  # (r, c)
         keys = key_blocks + head_offset[rows, None]
-        buckets.append(_Bucket(c, start, start + len(rows), keys.to(device), key_blocks.to(device)))
-        order.append(rows)
-        start += len(rows)
-    order = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
-    return _Plan(heads, nb, order.to(device), buckets, bool((counts == 0).any()))
+        buckets.append(_Bucket(c, rows.to(device), keys.to(device), key_blocks.to(device)))
+    return _Plan(heads, nb, buckets, bool((counts == 0).any()))
 
 
 def _plan_for(layout: torch.Tensor, device: torch.device) -> _Plan:
@@ -91,76 +122,221 @@ def _plan_for(layout: torch.Tensor, device: torch.device) -> _Plan:
     return plan
 
 
-def _padding_keep(key_padding_mask, bucket, heads_per_layout, batch):
-    """Unpadded keys of a bucket's gathered blocks: (r, G, 1, c*bs) bool, in the bucket's (row, g) order."""
+class _ThreadChoice:
+    """How the CPU threads share one kind of call, chosen by timing live calls.
+
+    "team": every operation runs on PyTorch's intra-op threads, which fork and join each time; the best way
+    on an idle machine. "workers": the batch is split over single-threaded workers that join once; when
+    other processes hold cores a team stalls at each of its few hundred joins and this is several times
+    faster. The slower way is timed again now and then (less often the slower it was): the load changes.
+    """
+
+    def __init__(self):
+        self.times = {"team": deque(maxlen=3), "workers": deque(maxlen=3)}  # recent seconds per call
+        self.warm = set()  # the ways run once already: a first call pays for warm-up, so it is not timed
+        self.calls = 0
+        self.next_probe = 8
+
+    def choose(self) -> str:
+        self.calls += 1
+        for mode, times in self.times.items():
+            if not times:
+                return mode
+        best, other = sorted(self.times, key=lambda mode: statistics.median(self.times[mode]))
+        if self.calls < self.next_probe:
+            return best
+        ratio = statistics.median(self.times[other]) / statistics.median(self.times[best])
+        self.next_probe = self.calls + int(min(128.0, 8.0 * ratio))
+        return other
+
+    def record(self, mode: str, seconds: float) -> None:
+        if mode in self.warm:
+            self.times[mode].append(seconds)
+        self.warm.add(mode)
+
+
+_choices: dict[tuple, _ThreadChoice] = {}
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+THREADING = "auto"  # "auto", or force "team" / "workers" (tests, benchmarks)
+_PIECE_BLOCKS = 64  # active blocks per batched product: S is then 1 MiB at block 64, L2-resident
+
+
+def _forget_pool() -> None:
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0  # a forked child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _single_threaded(fn, g0, g1):
+    torch.set_num_threads(1)  # a per-thread setting (mostly): this worker's operations run unthreaded
+    with torch.no_grad():  # grad mode is per thread too
+        fn(g0, g1, _PIECE_BLOCKS)
+
+
+def _run_workers(fn, ranges: list[tuple[int, int]]) -> None:
+    global _pool, _pool_size
+    if _pool_size < len(ranges):
+        _pool, _pool_size = ThreadPoolExecutor(len(ranges), thread_name_prefix="sat-attention"), len(ranges)
+    threads = torch.get_num_threads()
+    try:
+        for future in [_pool.submit(_single_threaded, fn, g0, g1) for g0, g1 in ranges]:
+            future.result()
+    finally:
+        torch.set_num_threads(threads)  # set_num_threads in a worker also resets the default of new threads
+
+
+def _run(fn, batch: int, device: torch.device, kind: tuple) -> None:
+    """fn(g0, g1, max_blocks) over [0, batch): in one call off the CPU or with one thread, else as
+    _ThreadChoice says. A team takes whole buckets (its cost is per operation), a worker cache-sized pieces."""
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    parts = min(batch, threads)
+    if parts == 1:
+        fn(0, batch, _PIECE_BLOCKS if threads == 1 else None)
+        return
+    choice = _choices.setdefault(kind, _ThreadChoice())
+    mode = choice.choose() if THREADING == "auto" else THREADING
+    start = time.perf_counter()
+    if mode == "team":
+        fn(0, batch, None)
+    else:
+        bounds = [batch * i // parts for i in range(parts + 1)]
+        _run_workers(fn, list(zip(bounds[:-1], bounds[1:], strict=True)))
+    choice.record(mode, time.perf_counter() - start)
+
+
+_local = threading.local()
+
+
+def _workspace(slot: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+    """This thread's buffer `slot` with at least numel elements, kept between calls: fresh CPU memory costs a
+    page fault per 4 KiB on first touch, which is a sizeable part of the whole computation here."""
+    buffers = _local.__dict__.setdefault("buffers", {})
+    key = (slot, like.device, like.dtype)
+    if key not in buffers or buffers[key].numel() < numel:
+        buffers[key] = like.new_empty(numel)
+    return buffers[key][:numel]
+
+
+def _padding_keep(key_padding_mask, bucket, heads_per_layout):
+    """Unpadded keys of a bucket's gathered blocks, per query block in (g, row) order: (G*r, 1, c*bs) bool."""
     B, nb, bs = key_padding_mask.shape
     r, c = bucket.key_blocks.shape
     keep = key_padding_mask[:, bucket.key_blocks]  # (B, r, c, bs)
-    keep = keep[:, None].expand(B, heads_per_layout, r, c, bs).permute(2, 0, 1, 3, 4)  # (r, B, H/Hl, c, bs)
-    return keep.reshape(r, batch, 1, c * bs)
+    return keep[:, None].expand(B, heads_per_layout, r, c, bs).reshape(B * heads_per_layout * r, 1, c * bs)
+
+
+def _gather(src, index, buffer, rows, width):
+    """src[index] written into buffer, viewed as (rows, width, D): the key blocks of each query block."""
+    n, bs, D = index.numel(), src.shape[1], src.shape[2]
+    out = buffer[:n * bs * D].view(n, bs, D)
+    torch.index_select(src, 0, index, out=out)
+    return out.view(rows, width, D)
+
+
+def _forward(q, k, v, plan, block_size, key_padding_mask, keep_probs):
+    """Output (B, H, N, D) and, for the backward, the fp32 (G*R, bs, D) queries, keys, values and P per bucket.
+
+    Without keep_probs (no gradient wanted) P is not kept: every piece reuses one score buffer.
+    """
+    B, H, N, D = q.shape
+    bs, R = block_size, plan.heads * plan.nb
+    G = B * H // plan.heads  # batch of the flattened (G*R, bs, D) block views
+    scale = 1.0 / math.sqrt(D)
+    qf, kf, vf = (x.reshape(G * R, bs, D).float() for x in (q, k, v))
+    index = plan.flat_index(G)
+    keeps = [None] * len(plan.buckets)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.reshape(B, plan.nb, bs)
+        keeps = [_padding_keep(kpm, b, H // plan.heads) for b in plan.buckets]  # (G*r, 1, c*bs) each
+    out = torch.empty_like(qf)  # (G*R, bs, D)
+    probs = []
+    if keep_probs:  # one buffer for every bucket's P, saved for the backward
+        p_buf, offset = qf.new_empty(plan.active_blocks * G * bs * bs), 0
+        for b in plan.buckets:
+            n, L = G * b.num_rows, b.count * bs
+            probs.append(p_buf[offset:offset + n * bs * L].view(n, bs, L))
+            offset += n * bs * L
+
+    def part(g0, g1, max_blocks):
+        if plan.has_empty_rows:
+            out.view(G, -1)[g0:g1].zero_()
+        piece_blocks = plan.piece_blocks(g0, g1, max_blocks)
+        qb_buf, ob_buf, kg_buf, vg_buf = (_workspace(x, piece_blocks * bs * D, qf) for x in ("q", "o", "k", "v"))
+        s_buf = None if keep_probs else _workspace("s", piece_blocks * bs * bs, qf)
+        for i, a, b in plan.pieces(g0, g1, max_blocks):
+            bucket, (iq, ik), keep = plan.buckets[i], index[i], keeps[i]
+            n, L = b - a, bucket.count * bs  # n query blocks, each seeing L keys
+            iq, ik = iq[a:b], ik[a * bucket.count:b * bucket.count]
+            qb = torch.index_select(qf, 0, iq, out=qb_buf[:n * bs * D].view(n, bs, D))
+            kg = _gather(kf, ik, kg_buf, n, L)  # (n, L, D)
+            s = probs[i][a:b] if keep_probs else s_buf[:n * bs * L].view(n, bs, L)
+            torch.baddbmm(s, qb, kg.transpose(1, 2), beta=0.0, alpha=scale, out=s)  # scores, (n, bs, L)
+            if keep is not None:
+                keep = keep[a:b]  # (n, 1, L)
+                s.masked_fill_(~keep, float("-inf"))
+            p = torch.softmax(s, dim=-1, out=s) if s.is_cpu else s.copy_(torch.softmax(s, dim=-1))  # P in s
+            if keep is not None:  # rows whose allowed keys are all padding: NaN -> 0
+                p.masked_fill_(~keep.any(-1, keepdim=True), 0.0)
+            vg = _gather(vf, ik, vg_buf, n, L)
+            out.index_copy_(0, iq, torch.bmm(p, vg, out=ob_buf[:n * bs * D].view(n, bs, D)))
+
+    _run(part, G, q.device, ("forward", G, plan.active_blocks, bs, D, key_padding_mask is not None))
+    return out.view(B, H, N, D).to(q.dtype), (qf, kf, vf, probs)
 
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, block_size, key_padding_mask):
-        B, H, N, D = q.shape
-        bs, R = block_size, plan.heads * plan.nb
-        G = B * H // plan.heads  # batch of the flattened (G*R, bs, D) block views
-        scale = 1.0 / math.sqrt(D)
-        iq, iks = plan.flat_index(G)
-        qp = q.reshape(G * R, bs, D).index_select(0, iq).float().mul_(scale)  # (R'*G, bs, D), scaled once
-        kf = k.reshape(G * R, bs, D).float()
-        vf = v.reshape(G * R, bs, D).float()
-        if key_padding_mask is not None:
-            kpm = key_padding_mask.reshape(B, plan.nb, bs)
-        out_p = torch.empty_like(qp)  # (R'*G, bs, D): output in plan order
-        probs = []
-        for bucket, ik in zip(plan.buckets, iks, strict=True):
-            c, r = bucket.count, bucket.end - bucket.start
-            qb = qp[bucket.start * G:bucket.end * G]  # (r*G, bs, D)
-            kg = kf.index_select(0, ik).view(r * G, c * bs, D)
-            s = torch.bmm(qb, kg.transpose(1, 2))  # (r*G, bs, c*bs)
-            if key_padding_mask is not None:
-                keep = _padding_keep(kpm, bucket, H // plan.heads, G)  # (r, G, 1, c*bs)
-                s.view(r, G, bs, c * bs).masked_fill_(~keep, float("-inf"))
-            p = torch.softmax(s, dim=-1)
-            if key_padding_mask is not None:  # rows whose allowed keys are all padding: NaN -> 0
-                p.view(r, G, bs, c * bs).masked_fill_(~keep.any(-1, keepdim=True), 0.0)
-            vg = vf.index_select(0, ik).view(r * G, c * bs, D)
-            torch.bmm(p, vg, out=out_p[bucket.start * G:bucket.end * G])
-            probs.append(p)
-        out = torch.zeros_like(kf) if plan.has_empty_rows else torch.empty_like(kf)  # (G*R, bs, D)
-        out.index_copy_(0, iq, out_p)
-
-        ctx.save_for_backward(qp, kf, vf)
-        ctx.probs, ctx.plan, ctx.scale = probs, plan, scale
-        return out.view(B, H, N, D).to(q.dtype)
+        out, (qf, kf, vf, probs) = _forward(q, k, v, plan, block_size, key_padding_mask, keep_probs=True)
+        ctx.save_for_backward(qf, kf, vf, *probs)
+        ctx.plan = plan
+        return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
-        qp, kf, vf = ctx.saved_tensors
-        plan, scale = ctx.plan, ctx.scale
+        qf, kf, vf, *probs = ctx.saved_tensors
+        plan = ctx.plan
         B, H, N, D = dout.shape
         bs = N // plan.nb
         G = B * H // plan.heads
-        iq, iks = plan.flat_index(G)
-        dop = dout.reshape(kf.shape).index_select(0, iq).float()  # (R'*G, bs, D) in plan order
-        dqp = torch.empty_like(dop)
-        dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
-        for bucket, ik, p in zip(plan.buckets, iks, ctx.probs, strict=True):
-            c, r = bucket.count, bucket.end - bucket.start
-            rows = slice(bucket.start * G, bucket.end * G)
-            dob = dop[rows]  # (r*G, bs, D)
-            dv.index_add_(0, ik, torch.bmm(p.transpose(1, 2), dob).view(-1, bs, D))
-            vg = vf.index_select(0, ik).view(r * G, c * bs, D)
-            dp = torch.bmm(dob, vg.transpose(1, 2))  # (r*G, bs, c*bs)
-            ds = torch._softmax_backward_data(dp, p, -1, torch.float32)  # p * (dp - rowsum(dp * p))
-            kg = kf.index_select(0, ik).view(r * G, c * bs, D)
-            torch.bmm(ds, kg, out=dqp[rows])
-            dk.index_add_(0, ik, torch.bmm(ds.transpose(1, 2), qp[rows]).view(-1, bs, D))  # qp is scaled
-        ctx.probs = None
-        dq = torch.zeros_like(kf) if plan.has_empty_rows else torch.empty_like(kf)
-        dq.index_copy_(0, iq, dqp.mul_(scale))
+        scale = 1.0 / math.sqrt(D)
+        dof = dout.reshape(kf.shape).float()  # (G*R, bs, D)
+        index = plan.flat_index(G)
+        dq, dk, dv = torch.empty_like(kf), torch.empty_like(kf), torch.empty_like(vf)  # (G*R, bs, D) each
+
+        def part(g0, g1, max_blocks):
+            for grad in (dk, dv) + ((dq,) if plan.has_empty_rows else ()):
+                grad.view(G, -1)[g0:g1].zero_()  # this range of g owns these rows
+            piece_blocks = plan.piece_blocks(g0, g1, max_blocks)
+            qb_buf, dob_buf, dqb_buf, kg_buf, vg_buf, dkv_buf = (
+                _workspace(x, piece_blocks * bs * D, dof) for x in ("q", "o", "dq", "k", "v", "dkv"))
+            dp_buf = _workspace("s", piece_blocks * bs * bs, dof)
+            for i, a, b in plan.pieces(g0, g1, max_blocks):
+                n, L = b - a, plan.buckets[i].count * bs  # n query blocks, each seeing L keys
+                iq, ik = index[i][0][a:b], index[i][1][a * plan.buckets[i].count:b * plan.buckets[i].count]
+                p = probs[i][a:b]  # (n, bs, L)
+                dob = torch.index_select(dof, 0, iq, out=dob_buf[:n * bs * D].view(n, bs, D))
+                dvg = torch.bmm(p.transpose(1, 2), dob, out=dkv_buf[:n * L * D].view(n, L, D))
+                dv.index_add_(0, ik, dvg.view(-1, bs, D))
+                vg = _gather(vf, ik, vg_buf, n, L)
+                dp = torch.bmm(dob, vg.transpose(1, 2), out=dp_buf[:n * bs * L].view(n, bs, L))
+                if dp.is_cpu:  # dS = P * (dP - rowsum(dP * P)), in place on CPU
+                    ds = torch.ops.aten._softmax_backward_data.out(dp, p, -1, torch.float32, grad_input=dp)
+                else:
+                    ds = torch._softmax_backward_data(dp, p, -1, torch.float32)
+                kg = _gather(kf, ik, kg_buf, n, L)
+                dqb = dqb_buf[:n * bs * D].view(n, bs, D)
+                dq.index_copy_(0, iq, torch.baddbmm(dqb, ds, kg, beta=0.0, alpha=scale, out=dqb))
+                dkg = dkv_buf[:n * L * D].view(n, L, D)
+                qb = torch.index_select(qf, 0, iq, out=qb_buf[:n * bs * D].view(n, bs, D))
+                torch.baddbmm(dkg, ds.transpose(1, 2), qb, beta=0.0, alpha=scale, out=dkg)
+                dk.index_add_(0, ik, dkg.view(-1, bs, D))
+
+        _run(part, G, dout.device, ("backward", G, plan.active_blocks, bs, D))
         return (dq.view(B, H, N, D).to(dout.dtype), dk.view(B, H, N, D).to(dout.dtype),
                 dv.view(B, H, N, D).to(dout.dtype), None, None, None)
 
@@ -180,4 +356,6 @@ def torch_block_sparse_attention(
     plan = _plan_for(layout, q.device)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
-    return _BlockSparseAttention.apply(q, k, v, plan, block_size, key_padding_mask)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _BlockSparseAttention.apply(q, k, v, plan, block_size, key_padding_mask)
+    return _forward(q, k, v, plan, block_size, key_padding_mask, keep_probs=False)[0]
