@@ -145,3 +145,10 @@ class ByteFiller:
 
     def split(self) -> Split:
         return Split(x=self.x[:self.n], lengths=self.lengths[:self.n], y=self.y[:self.n])
+
+
+def release_folder(raw_dir: Path, sub: str | Path, marker: str) -> Path:
+    """`raw_dir/sub`, the release's folder inside the raw folder; or `raw_dir` itself when the user pointed at
+    that folder directly (it holds `marker`, an entry the release folder has)."""
+    inside = raw_dir / sub
+    return inside if inside.is_dir() or not (raw_dir / marker).exists() else raw_dir

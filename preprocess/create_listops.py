@@ -18,6 +18,7 @@ from preprocess.common import (
     check_max_len,
     check_outputs,
     progress,
+    release_folder,
     report,
     require_file,
     run_cli,
@@ -76,18 +77,12 @@ def _read_split(path: Path, max_len: int, desc: str) -> Split:
     return Split(x=x, lengths=lengths, y=y)
 
 
-def _raw_folder(raw_dir: Path) -> Path:
-    """RAW/listops-1000, or RAW itself when the TSVs lie directly in it."""
-    sub = raw_dir / "listops-1000"
-    return sub if sub.is_dir() or not (raw_dir / SPLIT_FILES["train"]).is_file() else raw_dir
-
-
 def preprocess_listops(raw_dir: str | Path, out_dir: str | Path, max_len: int = 2000,
                        force: bool = False) -> dict:
     """Write ``{out_dir}/lra-listops.{train,dev,test}.npz`` and the meta JSON; returns the meta."""
     check_max_len(max_len)
     check_outputs(out_dir, TASK, force)
-    folder = _raw_folder(Path(raw_dir))
+    folder = release_folder(Path(raw_dir), "listops-1000", SPLIT_FILES["train"])
     paths = {raw: require_file(folder / name, f"ListOps {raw} split") for raw, name in SPLIT_FILES.items()}
     splits = {RAW_TO_SPLIT[raw]: _read_split(p, max_len, f"{TASK} {raw}") for raw, p in paths.items()}
     meta = {"vocab_size": len(VOCAB), "max_len": max_len, "num_classes": NUM_CLASSES, "vocab": list(VOCAB),

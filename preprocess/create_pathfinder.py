@@ -21,7 +21,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from preprocess.common import base_parser, check_outputs, progress, report, require_dir, run_cli, write_task
+from preprocess.common import (
+    base_parser,
+    check_outputs,
+    progress,
+    release_folder,
+    report,
+    require_dir,
+    run_cli,
+    write_task,
+)
 from sat.data.format import DataError, Split, sha256_of_files
 
 TASK = "lra-pathfinder"
@@ -84,17 +93,12 @@ def _fill(base: Path, entries: list[tuple[str, str, int]], side: int, desc: str)
     return Split(x=x[:k], lengths=np.full(k, side * side, dtype=np.int32), y=y[:k]), read
 
 
-def _base(raw: Path, resolution: int, difficulty: str) -> Path:
-    """RAW/pathfinder{res}/{difficulty}, or RAW/{difficulty} when RAW is the pathfinder{res} folder."""
-    sub = raw / f"pathfinder{resolution}" / difficulty
-    return sub if sub.is_dir() or not (raw / difficulty).is_dir() else raw / difficulty
-
-
 def preprocess_pathfinder(raw_dir: str | Path, out_dir: str | Path, difficulty: str = "curv_baseline",
                           force: bool = False, resolution: int = 32) -> dict:
     """Write ``{out_dir}/lra-pathfinder.{train,dev,test}.npz`` and the meta JSON; returns the meta."""
     check_outputs(out_dir, TASK, force)
-    base = require_dir(_base(Path(raw_dir), resolution, difficulty), f"Pathfinder {difficulty}")
+    base = require_dir(release_folder(Path(raw_dir), f"pathfinder{resolution}", difficulty) / difficulty,
+                       f"Pathfinder {difficulty}")
     meta_dir = base / "metadata"
     entries = read_metadata(meta_dir)
     n = len(entries)

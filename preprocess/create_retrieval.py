@@ -22,6 +22,7 @@ from preprocess.common import (
     check_max_len,
     check_outputs,
     progress,
+    release_folder,
     report,
     require_file,
     run_cli,
@@ -70,18 +71,12 @@ def _read_split(path: Path, max_len: int, desc: str) -> ByteFiller:
     return filler
 
 
-def _folder(raw_dir: Path) -> Path:
-    """RAW/tsv_data, or RAW itself when the TSVs lie directly in it."""
-    sub = raw_dir / "tsv_data"
-    return sub if sub.is_dir() or not (raw_dir / "new_aan_pairs.train.tsv").is_file() else raw_dir
-
-
 def preprocess_retrieval(raw_dir: str | Path, out_dir: str | Path, max_len: int = 4000,
                          force: bool = False) -> dict:
     """Write ``{out_dir}/lra-retrieval.{train,dev,test}.npz`` and the meta JSON; returns the meta."""
     check_max_len(max_len)
     check_outputs(out_dir, TASK, force)
-    folder = _folder(Path(raw_dir))
+    folder = release_folder(Path(raw_dir), "tsv_data", "new_aan_pairs.train.tsv")
     paths = {raw: require_file(folder / f"new_aan_pairs.{raw}.tsv", f"AAN {raw} split") for raw in RAW_SPLITS}
     fillers = {RAW_SPLITS[raw]: _read_split(p, max_len, f"{TASK} {raw}") for raw, p in paths.items()}
     meta = {"vocab_size": BYTE_VOCAB_SIZE, "max_len": max_len, "num_classes": 2, "inputs": 2,

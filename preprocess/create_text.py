@@ -21,6 +21,7 @@ from preprocess.common import (
     check_max_len,
     check_outputs,
     progress,
+    release_folder,
     report,
     require_dir,
     run_cli,
@@ -51,18 +52,12 @@ def _fill(files: list[tuple[Path, int]], max_len: int, desc: str) -> ByteFiller:
     return filler
 
 
-def _root(raw_dir: Path) -> Path:
-    """RAW/aclImdb, or RAW itself when it is the aclImdb folder."""
-    sub = raw_dir / "aclImdb"
-    return sub if sub.is_dir() or not (raw_dir / "train").is_dir() else raw_dir
-
-
 def preprocess_text(raw_dir: str | Path, out_dir: str | Path, max_len: int = 4000,
                     force: bool = False) -> dict:
     """Write ``{out_dir}/lra-text.{train,dev,test}.npz`` and the meta JSON; returns the meta."""
     check_max_len(max_len)
     check_outputs(out_dir, TASK, force)
-    root = require_dir(_root(Path(raw_dir)), "IMDB folder aclImdb")
+    root = require_dir(release_folder(Path(raw_dir), "aclImdb", "train"), "IMDB folder aclImdb")
     train_files = _files(require_dir(root / "train", "IMDB train split"))
     test_files = _files(require_dir(root / "test", "IMDB test split"))
     groups = {
