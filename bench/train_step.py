@@ -33,6 +33,7 @@ def child(phase: str, batch: int, density: float, steps: int, backend: str) -> d
 
     from sat.config import load_config
     from sat.data.lra import Batch
+    from sat.sparsity.monitor import TransitionMonitor
     from sat.train import build_model, make_optimizer
 
     torch.manual_seed(0)
@@ -45,6 +46,7 @@ def child(phase: str, batch: int, density: float, steps: int, backend: str) -> d
         for layer in model.attention_layers():
             layer.sparsify(density)
     collect = phase == "dense-monitored"
+    monitor = TransitionMonitor(cfg.sparsity.sk, cfg.sparsity.ds, cfg.model.num_layers)
 
     def step():
         logits = model(data, collect=collect)
@@ -58,9 +60,7 @@ def child(phase: str, batch: int, density: float, steps: int, backend: str) -> d
         torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
         optimizer.step()
         if collect:
-            from sat.sparsity.monitor import frobenius_distance, skewness
-
-            [(skewness(m), frobenius_distance(m, m)) for m in maps]  # the monitor's per-step statistics
+            monitor.update(maps)  # what the scheduler runs on a monitored step: skewness, distance, drift
 
     baseline = rss_peak_mb()  # idle: model, optimizer and data built, no step taken yet
     step()  # warm-up: allocator, lookup tables, optimizer state

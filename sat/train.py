@@ -140,7 +140,7 @@ def load_image_folders(cfg: TaskConfig, data_dir: Path, need_train: bool = True)
     """{data_dir}/train and {data_dir}/val class folders (ImageNet's layout); dev = val, and test = an
     optional {data_dir}/test folder, else val again (ImageNet's test labels are not public). Class ids are
     the positions of the train split's sorted class folder names."""
-    from sat.data.imagenet import ImageFolderDataset, _list_classes, eval_transform, train_transform
+    from sat.data.imagenet import ImageFolderDataset, eval_transform, list_classes, train_transform
 
     d = cfg.dataset
     splits = {}
@@ -148,7 +148,7 @@ def load_image_folders(cfg: TaskConfig, data_dir: Path, need_train: bool = True)
         splits["train"] = ImageFolderDataset(data_dir, "train", train_transform(d.img_size))
         classes = splits["train"].classes
     else:
-        classes = _list_classes(data_dir / "train") if (data_dir / "train").is_dir() else None
+        classes = list_classes(data_dir / "train") if (data_dir / "train").is_dir() else None
     if d.num_classes and classes is not None and len(classes) != d.num_classes:
         raise DataError(f"{data_dir}/train has {len(classes)} class folders but task {cfg.task} "
                         f"expects {d.num_classes}; pass --set dataset.num_classes={len(classes)} "

@@ -55,7 +55,7 @@ _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionB
 # --------------------------------------------------------------------------------------------- dataset
 
 
-def _list_classes(split_dir: Path) -> list[str]:
+def list_classes(split_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
 
 
@@ -100,7 +100,7 @@ class ImageFolderDataset(Dataset):
                 f"ImageNet folder {split_dir} not found: point the data dir at a folder holding "
                 f"{split}/<class_name>/*.JPEG"
             )
-        found = _list_classes(split_dir)
+        found = list_classes(split_dir)
         if classes is None:
             if not found:
                 raise DataError(
