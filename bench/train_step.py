@@ -3,9 +3,14 @@
     python bench/train_step.py [--batch 32] [--density 0.05] [--steps 10]
 
 Each measurement runs in its own process (so peak memory is that phase's alone) and reports the median step
-time and peak resident memory above the process's idle baseline (model, optimizer and data already built).
-Dense phase: the SAT default monitors every step (statistics + pattern loss); the plain dense step
-(scaled_dot_product_attention only) is measured too, and the monitor's share is their difference.
+time and two peaks above the process's idle baseline (model, optimizer and data already built): resident
+memory (what the machine gives the process, including what glibc's heap keeps after frees), and live tensor
+memory (allocations minus frees in time order, from one extra profiled step; the CPU analogue of
+torch.cuda.max_memory_allocated).
+Dense phase: the SAT default monitors every step (the fused attention with statistics + pattern loss). The
+unmonitored dense step (the same fused attention without statistics: on a CPU with attention dropout SDPA takes
+its math path) and the scaled_dot_product_attention step are measured too; the monitor's share is the
+monitored step against the unmonitored one.
 """
 
 from __future__ import annotations
@@ -27,25 +32,43 @@ def rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def live_peak_mb(step) -> float:
+    """Peak of allocations minus frees during one step, from the profiler's per-operator memory records."""
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def child(phase: str, batch: int, density: float, steps: int, backend: str) -> dict:
     import torch
     import torch.nn.functional as F
 
+    import sat.models.attention as attention
     from sat.config import load_config
     from sat.data.lra import Batch
     from sat.sparsity.monitor import TransitionMonitor
     from sat.train import build_model, make_optimizer
 
     torch.manual_seed(0)
-    cfg = load_config("lra-image", overrides={"training": {"batch_size": batch}, "sparsity": {"density": density}})
+    recompute = "sparse" if phase == "sparse-recompute" else "off"
+    cfg = load_config("lra-image", overrides={"training": {"batch_size": batch}, "sparsity": {"density": density},
+                                              "model": {"recompute": recompute}})
     model = build_model(cfg, vocab_size=256, backend=backend)
     optimizer = make_optimizer(model, cfg)
     n = cfg.dataset.max_seq_len
     data = Batch(torch.randint(0, 256, (batch, n)), None, torch.randint(0, 10, (batch,)))
-    if phase == "sparse":
+    if phase.startswith("sparse"):
         for layer in model.attention_layers():
             layer.sparsify(density)
     collect = phase == "dense-monitored"
+    if phase == "dense-sdpa":
+        attention.CPU_DROPOUT_PATH = "sdpa"
     monitor = TransitionMonitor(cfg.sparsity.sk, cfg.sparsity.ds, cfg.model.num_layers)
 
     def step():
@@ -69,8 +92,9 @@ def child(phase: str, batch: int, density: float, steps: int, backend: str) -> d
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"phase": phase, "step_s": statistics.median(times), "peak_mb_above_idle": rss_peak_mb() - baseline,
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    rss = rss_peak_mb() - baseline
+    return {"phase": phase, "step_s": statistics.median(times), "peak_mb_above_idle": rss,
+            "live_peak_mb": live_peak_mb(step), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -85,7 +109,7 @@ def main() -> None:
         print(json.dumps(child(a.child, a.batch, a.density, a.steps, a.backend)))
         return
     rows = {}
-    for phase in ("dense-monitored", "dense", "sparse"):
+    for phase in ("dense-monitored", "dense", "dense-sdpa", "sparse", "sparse-recompute"):
         r = subprocess.run([sys.executable, __file__, "--child", phase, "--batch", str(a.batch), "--density",
                             str(a.density), "--steps", str(a.steps), "--backend", a.backend],
                            capture_output=True, text=True, check=True)
@@ -93,11 +117,20 @@ def main() -> None:
     dm, d, s = rows["dense-monitored"], rows["dense"], rows["sparse"]
     print(f"lra-image shapes: 2 layers, dim 64, N=1024, batch {a.batch}, block 32, density {a.density}, "
           f"backend {a.backend}, torch {d['torch']}, {d['threads']} threads, median of {a.steps} steps")
-    print(f"{'phase':<28}{'step (ms)':>12}{'steps/s':>10}{'peak MB above idle':>21}")
-    for name, r in (("dense, monitored (SAT)", dm), ("dense, not monitored", d), ("sparse", s)):
-        print(f"{name:<28}{1000 * r['step_s']:>12.1f}{1 / r['step_s']:>10.2f}{r['peak_mb_above_idle']:>21.1f}")
-    print(f"sparse / dense-monitored steps/s: {dm['step_s'] / s['step_s']:.2f}x; "
-          f"peak memory dense-monitored / sparse: {dm['peak_mb_above_idle'] / max(s['peak_mb_above_idle'], 1e-9):.2f}x")
+    print(f"{'phase':<34}{'step (ms)':>11}{'steps/s':>9}{'peak RSS MB':>13}{'peak live MB':>14}")
+    names = (("dense, monitored (SAT default)", dm), ("dense, not monitored", d),
+             ("dense, SDPA (math path + dropout)", rows["dense-sdpa"]), ("sparse", s),
+             ("sparse, model.recompute=sparse", rows["sparse-recompute"]))
+    for name, r in names:
+        print(f"{name:<34}{1000 * r['step_s']:>11.1f}{1 / r['step_s']:>9.2f}{r['peak_mb_above_idle']:>13.1f}"
+              f"{r['live_peak_mb']:>14.1f}")
+    print(f"sparse / dense-monitored steps/s: {dm['step_s'] / s['step_s']:.2f}x; peak memory dense-monitored / "
+          f"sparse: {dm['peak_mb_above_idle'] / max(s['peak_mb_above_idle'], 1e-9):.2f}x resident, "
+          f"{dm['live_peak_mb'] / max(s['live_peak_mb'], 1e-9):.2f}x live")
+    sr = rows["sparse-recompute"]
+    print(f"with recompute: sparse / dense-monitored steps/s {dm['step_s'] / sr['step_s']:.2f}x; peak memory "
+          f"{dm['peak_mb_above_idle'] / max(sr['peak_mb_above_idle'], 1e-9):.2f}x resident, "
+          f"{dm['live_peak_mb'] / max(sr['live_peak_mb'], 1e-9):.2f}x live")
     print(f"monitor share of a monitored dense step: {100 * (dm['step_s'] - d['step_s']) / dm['step_s']:.1f}%")
 
 

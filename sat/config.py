@@ -50,6 +50,7 @@ class ModelConfig:
     pooling: str = "mean"
     mlp: str = "dense"             # dense | monarch
     nblocks: int = 4
+    recompute: str = "off"         # off | sparse: after the switch, recompute each block's activations in the backward
 
 
 @dataclass
@@ -173,6 +174,7 @@ def validate(cfg: TaskConfig) -> TaskConfig:
         (0.0 <= m.dropout < 1.0 and 0.0 <= m.attn_dropout < 1.0, "model dropouts must lie in [0, 1)"),
         (m.pooling in ("mean", "cls"), f"model.pooling must be 'mean' or 'cls', got {m.pooling!r}"),
         (m.mlp in ("dense", "monarch"), f"model.mlp must be 'dense' or 'monarch', got {m.mlp!r}"),
+        (m.recompute in ("off", "sparse"), f"model.recompute must be 'off' or 'sparse', got {m.recompute!r}"),
         (m.nblocks >= 1, "model.nblocks must be at least 1"),
         (t.batch_size > 0, "training.batch_size must be positive"),
         (t.learning_rate > 0, "training.learning_rate must be positive"),

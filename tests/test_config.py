@@ -24,6 +24,7 @@ def test_every_task_config_is_valid(task):
     ({"training": {"batch_size": "32"}}, "type int"),
     ({"modle": {}}, "unknown config section"),
     ({"model": {"mlp": "sparse"}}, "model.mlp"),
+    ({"model": {"recompute": "always"}}, "model.recompute"),
     ({"sparsity": {"density": 0.0005}}, "keeps no block"),
 ])
 def test_bad_values_raise(overrides, match):

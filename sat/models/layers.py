@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from sat.config import TaskConfig
-from sat.models.attention import Attention
+from sat.models.attention import Attention, Dropout
 
 
 def make_linear(in_features: int, out_features: int, kind: str, nblocks: int) -> nn.Module:
@@ -24,28 +25,39 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = make_linear(dim, hidden, kind, nblocks)
         self.act = nn.GELU()
-        self.drop1 = nn.Dropout(dropout)
+        self.drop1 = Dropout(dropout)
         self.fc2 = make_linear(hidden, dim, kind, nblocks)
-        self.drop2 = nn.Dropout(dropout)
+        self.drop2 = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
 class EncoderBlock(nn.Module):
-    """Pre-LayerNorm Transformer block: x + drop(MHA(LN(x))), then x + MLP(LN(x))."""
+    """Pre-LayerNorm Transformer block: x + drop(MHA(LN(x))), then x + MLP(LN(x)).
+
+    recompute="sparse": once the attention is block-sparse, training steps keep only the block's input and
+    recompute its activations in the backward (the generator state is replayed, so dropout draws the same
+    masks); the non-attention activations are then what the sparse phase's memory is made of.
+    """
 
     def __init__(self, dim: int, hidden: int, attention: Attention, dropout: float = 0.0, mlp: str = "dense",
-                 nblocks: int = 4) -> None:
+                 nblocks: int = 4, recompute: str = "off") -> None:
         super().__init__()
+        self.recompute = recompute
         self.norm1 = nn.LayerNorm(dim)
         self.attn = attention
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, hidden, dropout, mlp, nblocks)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
                 collect: bool = False) -> torch.Tensor:
+        if self.recompute == "sparse" and self.attn.is_sparse and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, key_padding_mask, False, use_reentrant=False)
+        return self._forward(x, key_padding_mask, collect)
+
+    def _forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None, collect: bool) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), key_padding_mask, collect))
         return x + self.mlp(self.norm2(x))
 
@@ -57,5 +69,5 @@ def encoder_blocks(cfg: TaskConfig, seq_len: int, backend: str = "auto") -> nn.M
         EncoderBlock(m.dim, m.hidden_dim,
                      Attention(m.dim, m.num_heads, m.head_dim, seq_len, s.block_size, m.attn_dropout, s.pattern,
                                s.per_head, backend),
-                     m.dropout, m.mlp, m.nblocks)
+                     m.dropout, m.mlp, m.nblocks, m.recompute)
         for _ in range(m.num_layers))

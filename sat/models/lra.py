@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from sat.config import TaskConfig
 from sat.data.lra import Batch
-from sat.models.attention import Attention
+from sat.models.attention import Attention, Dropout
 from sat.models.layers import encoder_blocks
 
 
@@ -22,7 +22,7 @@ class LRAModel(nn.Module):
         self.two_inputs = cfg.dataset.two_inputs
         self.embed = nn.Embedding(vocab_size, m.dim)
         self.pos = nn.Parameter(torch.randn(1, n, m.dim) * 0.02)  # learned positions, (1, N, C)
-        self.drop = nn.Dropout(m.dropout)
+        self.drop = Dropout(m.dropout)
         self.blocks = encoder_blocks(cfg, n, backend)
         self.norm = nn.LayerNorm(m.dim)
         width = m.dim * (4 if self.two_inputs else 1)

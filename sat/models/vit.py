@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from sat.config import TaskConfig, image_tokens
 from sat.data.lra import Batch
-from sat.models.attention import Attention
+from sat.models.attention import Attention, Dropout
 from sat.models.layers import encoder_blocks
 
 
@@ -30,7 +30,7 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(3, m.dim, kernel_size=d.patch_size, stride=d.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(m.dim))                        # (C,)
         self.pos = nn.Parameter(torch.randn(1, self.num_tokens, m.dim) * 0.02)  # (1, T, C), real tokens only
-        self.drop = nn.Dropout(m.dropout)
+        self.drop = Dropout(m.dropout)
         self.blocks = encoder_blocks(cfg, n, backend)
         self.norm = nn.LayerNorm(m.dim)
         self.head = nn.Linear(m.dim, d.num_classes)
