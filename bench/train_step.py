@@ -1,16 +1,19 @@
 """Training-step speed and memory at the lra-image model shapes, dense phase against sparse phase.
 
-    python bench/train_step.py [--batch 32] [--density 0.05] [--steps 10]
+    python bench/train_step.py [--batch 32] [--density 0.05] [--steps 10] [--task lra-image] [--preset quick]
+
+Another task's shapes: --task lra-listops --preset quick (the README main job's model); the density defaults
+to the task's.
 
 Each measurement runs in its own process (so peak memory is that phase's alone) and reports the median step
 time and two peaks above the process's idle baseline (model, optimizer and data already built): resident
 memory (what the machine gives the process, including what glibc's heap keeps after frees), and live tensor
-memory (allocations minus frees in time order, from one extra profiled step; the CPU analogue of
-torch.cuda.max_memory_allocated).
+memory (allocations minus frees in time order from the idle state over two steps, profiled in a process of its
+own; the CPU analogue of torch.cuda.max_memory_allocated).
 Dense phase: the SAT default monitors every step (the fused attention with statistics + pattern loss). The
 unmonitored dense step (the same fused attention without statistics: on a CPU with attention dropout SDPA takes
-its math path) and the scaled_dot_product_attention step are measured too; the monitor's share is the
-monitored step against the unmonitored one.
+its math path) and the scaled_dot_product_attention step are measured too; the monitor's share is measured
+from unmonitored and monitored steps alternating in the monitored phase's process.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ def rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def live_peak_mb(step) -> float:
-    """Peak of allocations minus frees during one step, from the profiler's per-operator memory records."""
+def live_peak_mb(step, steps: int = 2) -> float:
+    """Peak of allocations minus frees from the idle state over the first `steps` steps (what they keep, such as
+    the kernels' workspaces and the optimizer state, included), from the profiler's per-operator records."""
     from torch.profiler import profile
 
     with profile(profile_memory=True) as prof:
-        step()
+        for _ in range(steps):
+            step()
     live = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         live += event.self_cpu_memory_usage
@@ -45,7 +50,8 @@ def live_peak_mb(step) -> float:
     return peak / 2**20
 
 
-def child(phase: str, batch: int, density: float, steps: int, backend: str) -> dict:
+def child(phase: str, task: str, preset: str | None, batch: int, density: float | None, steps: int,
+          backend: str, live_only: bool) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -57,21 +63,21 @@ def child(phase: str, batch: int, density: float, steps: int, backend: str) -> d
 
     torch.manual_seed(0)
     recompute = "sparse" if phase == "sparse-recompute" else "off"
-    cfg = load_config("lra-image", overrides={"training": {"batch_size": batch}, "sparsity": {"density": density},
-                                              "model": {"recompute": recompute}})
-    model = build_model(cfg, vocab_size=256, backend=backend)
+    cfg = load_config(task, preset, overrides={"training": {"batch_size": batch}, "model": {"recompute": recompute}})
+    density = cfg.sparsity.density if density is None else density
+    model = build_model(cfg, vocab_size=256, backend=backend)  # lra-image's byte vocabulary; enough for any
     optimizer = make_optimizer(model, cfg)
     n = cfg.dataset.max_seq_len
     data = Batch(torch.randint(0, 256, (batch, n)), None, torch.randint(0, 10, (batch,)))
     if phase.startswith("sparse"):
         for layer in model.attention_layers():
             layer.sparsify(density)
-    collect = phase == "dense-monitored"
+    monitored = phase == "dense-monitored"
     if phase == "dense-sdpa":
         attention.CPU_DROPOUT_PATH = "sdpa"
     monitor = TransitionMonitor(cfg.sparsity.sk, cfg.sparsity.ds, cfg.model.num_layers)
 
-    def step():
+    def step(collect: bool = monitored):
         logits = model(data, collect=collect)
         loss = F.cross_entropy(logits, data.y)
         if collect:
@@ -85,38 +91,55 @@ def child(phase: str, batch: int, density: float, steps: int, backend: str) -> d
         if collect:
             monitor.update(maps)  # what the scheduler runs on a monitored step: skewness, distance, drift
 
-    baseline = rss_peak_mb()  # idle: model, optimizer and data built, no step taken yet
-    step()  # warm-up: allocator, lookup tables, optimizer state
-    times = []
-    for _ in range(steps):
+    if live_only:  # in a process of its own: the profiler's records would count in the resident memory
+        return {"live_peak_mb": live_peak_mb(step)}  # from idle over two steps: workspaces etc. included
+
+    def timed(collect: bool) -> float:
         t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+        step(collect)
+        return time.perf_counter() - t0
+
+    baseline = rss_peak_mb()  # idle: model, optimizer and data built, no step taken yet
+    step()  # warm-up: allocator, lookup tables, workspaces, optimizer state
+    times = [timed(monitored) for _ in range(steps)]
     rss = rss_peak_mb() - baseline
-    return {"phase": phase, "step_s": statistics.median(times), "peak_mb_above_idle": rss,
-            "live_peak_mb": live_peak_mb(step), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    share = None
+    if monitored:  # the monitor's share from alternating steps, so that other load slows both kinds alike
+        pairs = [(timed(False), timed(True)) for _ in range(steps)]
+        plain, with_monitor = (statistics.median(x) for x in zip(*pairs, strict=True))
+        share = (with_monitor - plain) / with_monitor
+    m = cfg.model
+    shapes = (f"{task}{' --preset ' + preset if preset else ''} shapes: {m.num_layers} layers, dim {m.dim}, "
+              f"N={n}, batch {batch}, block {cfg.sparsity.block_size}, density {density}")
+    return {"phase": phase, "shapes": shapes, "step_s": statistics.median(times), "peak_mb_above_idle": rss,
+            "monitor_share": share, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--density", type=float, default=0.05)
+    p.add_argument("--density", type=float, help="default: the task's")
+    p.add_argument("--task", default="lra-image")
+    p.add_argument("--preset")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--backend", default="torch")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--live", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.batch, a.density, a.steps, a.backend)))
+        print(json.dumps(child(a.child, a.task, a.preset, a.batch, a.density, a.steps, a.backend, a.live)))
         return
     rows = {}
     for phase in ("dense-monitored", "dense", "dense-sdpa", "sparse", "sparse-recompute"):
-        r = subprocess.run([sys.executable, __file__, "--child", phase, "--batch", str(a.batch), "--density",
-                            str(a.density), "--steps", str(a.steps), "--backend", a.backend],
-                           capture_output=True, text=True, check=True)
-        rows[phase] = json.loads(r.stdout.strip().splitlines()[-1])
+        extra = (["--density", str(a.density)] if a.density else []) + (["--preset", a.preset] if a.preset else [])
+        rows[phase] = {}
+        for live in ([], ["--live"]):
+            r = subprocess.run([sys.executable, __file__, "--child", phase, "--task", a.task, "--batch", str(a.batch),
+                                "--steps", str(a.steps), "--backend", a.backend, *extra, *live],
+                               capture_output=True, text=True, check=True)
+            rows[phase].update(json.loads(r.stdout.strip().splitlines()[-1]))
     dm, d, s = rows["dense-monitored"], rows["dense"], rows["sparse"]
-    print(f"lra-image shapes: 2 layers, dim 64, N=1024, batch {a.batch}, block 32, density {a.density}, "
-          f"backend {a.backend}, torch {d['torch']}, {d['threads']} threads, median of {a.steps} steps")
+    print(f"{d['shapes']}, backend {a.backend}, torch {d['torch']}, {d['threads']} threads, median of {a.steps} steps")
     print(f"{'phase':<34}{'step (ms)':>11}{'steps/s':>9}{'peak RSS MB':>13}{'peak live MB':>14}")
     names = (("dense, monitored (SAT default)", dm), ("dense, not monitored", d),
              ("dense, SDPA (math path + dropout)", rows["dense-sdpa"]), ("sparse", s),
@@ -131,7 +154,8 @@ def main() -> None:
     print(f"with recompute: sparse / dense-monitored steps/s {dm['step_s'] / sr['step_s']:.2f}x; peak memory "
           f"{dm['peak_mb_above_idle'] / max(sr['peak_mb_above_idle'], 1e-9):.2f}x resident, "
           f"{dm['live_peak_mb'] / max(sr['live_peak_mb'], 1e-9):.2f}x live")
-    print(f"monitor share of a monitored dense step: {100 * (dm['step_s'] - d['step_s']) / dm['step_s']:.1f}%")
+    print(f"monitor share of a monitored dense step (monitored and unmonitored steps alternating in one process, "
+          f"medians of {a.steps} each): {100 * dm['monitor_share']:.1f}%")
 
 
 if __name__ == "__main__":

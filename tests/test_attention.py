@@ -184,3 +184,19 @@ def test_low_precision_monitored_path_matches_fused_statistics():
     torch.testing.assert_close(out16.float(), out32, atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(stats16.mean_map, stats32.mean_map, atol=2e-2, rtol=0)
     torch.testing.assert_close(stats16.pattern_loss, stats32.pattern_loss, atol=1e-3, rtol=5e-2)
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_runs():
+    """bench/train_step.py end to end at the quick ListOps shapes, one step per phase."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "train_step.py"
+    out = subprocess.run([sys.executable, str(bench), "--task", "lra-listops", "--preset", "quick", "--batch", "2",
+                          "--steps", "1"], capture_output=True, text=True, check=True).stdout
+    assert "lra-listops --preset quick shapes: 2 layers, dim 64, N=256, batch 2, block 32, density 0.25" in out
+    for row in ("dense, monitored", "dense, not monitored", "dense, SDPA", "sparse", "model.recompute=sparse"):
+        assert row in out
+    assert "monitor share of a monitored dense step" in out
