@@ -160,8 +160,8 @@ _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 THREADING = "auto"  # "auto", or force "team" / "workers" (tests, benchmarks)
 _PIECE_BLOCKS = 64  # active blocks per batched product: S is then 1 MiB at block 64, L2-resident
-# A team's pieces: larger (its cost is per operation), but bounded so that its buffers stay small (14 MiB at
-# block 32, D 32, instead of whole buckets: 42 MiB at the lra-image shapes, and 10% slower there, measured).
+# A team's pieces: larger (its cost is per operation) but bounded, so that its buffers stay small: 14 MiB at the
+# lra-image shapes, where whole buckets took 42 MiB and ran ~10% slower (measured).
 _TEAM_PIECE_BLOCKS = 512
 
 
