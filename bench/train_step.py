@@ -8,8 +8,9 @@ to the task's.
 Each measurement runs in its own process (so peak memory is that phase's alone) and reports the median step
 time and two peaks above the process's idle baseline (model, optimizer and data already built): resident
 memory (what the machine gives the process, including what glibc's heap keeps after frees), and live tensor
-memory (allocations minus frees in time order from the idle state over two steps, profiled in a process of its
-own; the CPU analogue of torch.cuda.max_memory_allocated).
+memory (the profiler's allocation and free records in time order from the idle state over two steps, in a
+process of its own with the torch backend on PyTorch's threads, whose allocations the profiler sees; the CPU
+analogue of torch.cuda.max_memory_allocated).
 Dense phase: the SAT default monitors every step (the fused attention with statistics + pattern loss). The
 unmonitored dense step (the same fused attention without statistics: on a CPU with attention dropout SDPA takes
 its math path) and the scaled_dot_product_attention step are measured too; the monitor's share is measured
@@ -36,16 +37,25 @@ def rss_peak_mb() -> float:
 
 
 def live_peak_mb(step, steps: int = 2) -> float:
-    """Peak of allocations minus frees from the idle state over the first `steps` steps (what they keep, such as
-    the kernels' workspaces and the optimizer state, included), from the profiler's per-operator records."""
+    """Peak of tensor allocations minus frees from the idle state over the first `steps` steps (what they keep,
+    such as the kernels' workspaces and the optimizer state, included), from the profiler's raw allocation
+    records in time order (each op's net memory would miss temporaries freed inside it)."""
+    from torch._C._profiler import _EventType
     from torch.profiler import profile
 
     with profile(profile_memory=True) as prof:
         for _ in range(steps):
             step()
+    events = []  # (time, bytes): positive for an allocation, negative for a free
+    todo = list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        node = todo.pop()
+        if node.typed[0] == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        todo.extend(node.children)
     live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
+    for _, size in sorted(events):
+        live += size
         peak = max(peak, live)
     return peak / 2**20
 
@@ -58,6 +68,7 @@ def child(phase: str, task: str, preset: str | None, batch: int, density: float 
     import sat.models.attention as attention
     from sat.config import load_config
     from sat.data.lra import Batch
+    from sat.kernels import blocksparse_torch
     from sat.sparsity.monitor import TransitionMonitor
     from sat.train import build_model, make_optimizer
 
@@ -92,6 +103,7 @@ def child(phase: str, task: str, preset: str | None, batch: int, density: float 
             monitor.update(maps)  # what the scheduler runs on a monitored step: skewness, distance, drift
 
     if live_only:  # in a process of its own: the profiler's records would count in the resident memory
+        blocksparse_torch.THREADING = "team"  # the profiler does not see allocations on Python worker threads
         return {"live_peak_mb": live_peak_mb(step)}  # from idle over two steps: workspaces etc. included
 
     def timed(collect: bool) -> float:
@@ -131,7 +143,8 @@ def main() -> None:
         return
     rows = {}
     for phase in ("dense-monitored", "dense", "dense-sdpa", "sparse", "sparse-recompute"):
-        extra = (["--density", str(a.density)] if a.density else []) + (["--preset", a.preset] if a.preset else [])
+        extra = ["--density", str(a.density)] if a.density is not None else []
+        extra += ["--preset", a.preset] if a.preset else []
         rows[phase] = {}
         for live in ([], ["--live"]):
             r = subprocess.run([sys.executable, __file__, "--child", phase, "--task", a.task, "--batch", str(a.batch),

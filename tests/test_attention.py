@@ -200,3 +200,15 @@ def test_train_step_benchmark_runs():
     for row in ("dense, monitored", "dense, not monitored", "dense, SDPA", "sparse", "model.recompute=sparse"):
         assert row in out
     assert "monitor share of a monitored dense step" in out
+
+
+def test_float64_dense_steps_stay_in_float64():
+    """The fused function computes in fp32, so float64 models take SDPA or the explicit form instead."""
+    torch.manual_seed(0)
+    attn = Attention(16, 2, 8, 32, 8, attn_dropout=0.0).double().eval()
+    x = torch.randn(2, 32, 16, dtype=torch.float64)
+    mask = torch.arange(32) < torch.tensor([[32], [0]])
+    monitored = attn(x, mask, collect=True)
+    plain = attn(x, mask)
+    assert monitored.dtype == torch.float64 and not monitored.isnan().any()
+    torch.testing.assert_close(monitored, plain, atol=1e-12, rtol=1e-12)

@@ -131,6 +131,7 @@ class _DenseAttention(torch.autograd.Function):
         head_sum = qs.new_zeros(H, N, N) if collect else qs.new_empty(0)
         pooled = qs.new_empty(B, H, nb, nb) if collect else qs.new_empty(0)
         dead = None if key_padding_mask is None else ~key_padding_mask.any(-1)  # (B,): every key padded
+        dead_host = None if dead is None else dead.cpu()  # one device sync, not one per chunk
         chunk = max(1, _CHUNK_ELEMENTS // (H * N * N))  # batch elements per chunk
         buf = qs.new_empty(min(chunk, B) * H, N, N) if keep is not None else None
         for b0 in range(0, B, chunk):
@@ -140,7 +141,7 @@ class _DenseAttention(torch.autograd.Function):
             if key_padding_mask is not None:
                 s.view(n, H, N, N).masked_fill_(~key_padding_mask[b0:b1, None, None, :], float("-inf"))
             torch.softmax(s, dim=-1, out=s) if s.is_cpu else s.copy_(torch.softmax(s, dim=-1))
-            if dead is not None and bool(dead[b0:b1].any()):
+            if dead is not None and bool(dead_host[b0:b1].any()):
                 s.view(n, H, N, N)[dead[b0:b1]] = 0.0  # rows with no unmasked key: zeros, not NaN
             if collect:
                 s4 = s.view(n, H, N, N)
@@ -265,10 +266,11 @@ class Attention(nn.Module):
             out = block_sparse_attention(q, k, v, self.layout, self.block_size, key_padding_mask, self.backend)
         else:
             dropout_p = self.attn_dropout if self.training else 0.0
-            if collect and q.dtype != torch.float32:  # mixed precision (CUDA): low-precision matmuls, fp32 softmax
+            fused = q.dtype == torch.float32  # the fused function computes in fp32
+            if collect and not fused:  # mixed precision (CUDA): low-precision matmuls, fp32 softmax; or float64
                 out, head_sum, pooled = self._explicit(q, k, v, key_padding_mask, dropout_p)
                 self.stats = self._statistics(head_sum / B, pooled)
-            elif collect or (dropout_p > 0 and x.device.type == "cpu" and CPU_DROPOUT_PATH == "fused"):
+            elif fused and (collect or (dropout_p > 0 and x.device.type == "cpu" and CPU_DROPOUT_PATH == "fused")):
                 out, head_sum, pooled = dense_attention(q, k, v, key_padding_mask, dropout_p, self.block_size,
                                                         collect)
                 if collect:
@@ -284,7 +286,7 @@ class Attention(nn.Module):
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, H, N, N)
         if key_padding_mask is not None:
             scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1)  # before dropout: what the monitor reads
+        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)  # before dropout
         if key_padding_mask is not None:
             probs = probs.nan_to_num(0.0)  # rows with no unmasked key
         out = F.dropout(probs, dropout_p, self.training).to(v.dtype) @ v
