@@ -160,13 +160,10 @@ def main() -> None:
     for name, r in names:
         print(f"{name:<34}{1000 * r['step_s']:>11.1f}{1 / r['step_s']:>9.2f}{r['peak_mb_above_idle']:>13.1f}"
               f"{r['live_peak_mb']:>14.1f}")
-    print(f"sparse / dense-monitored steps/s: {dm['step_s'] / s['step_s']:.2f}x; peak memory dense-monitored / "
-          f"sparse: {dm['peak_mb_above_idle'] / max(s['peak_mb_above_idle'], 1e-9):.2f}x resident, "
-          f"{dm['live_peak_mb'] / max(s['live_peak_mb'], 1e-9):.2f}x live")
-    sr = rows["sparse-recompute"]
-    print(f"with recompute: sparse / dense-monitored steps/s {dm['step_s'] / sr['step_s']:.2f}x; peak memory "
-          f"{dm['peak_mb_above_idle'] / max(sr['peak_mb_above_idle'], 1e-9):.2f}x resident, "
-          f"{dm['live_peak_mb'] / max(sr['live_peak_mb'], 1e-9):.2f}x live")
+    for label, r in (("sparse", s), ("with recompute: sparse", rows["sparse-recompute"])):
+        print(f"{label} / dense-monitored steps/s: {dm['step_s'] / r['step_s']:.2f}x; peak memory dense-monitored / "
+              f"sparse: {dm['peak_mb_above_idle'] / max(r['peak_mb_above_idle'], 1e-9):.2f}x resident, "
+              f"{dm['live_peak_mb'] / max(r['live_peak_mb'], 1e-9):.2f}x live")
     print(f"monitor share of a monitored dense step (monitored and unmonitored steps alternating in one process, "
           f"medians of {a.steps} each): {100 * dm['monitor_share']:.1f}%")
 

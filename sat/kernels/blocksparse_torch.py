@@ -213,6 +213,18 @@ def _run(fn, batch: int, device: torch.device, kind: tuple) -> None:
 _local = threading.local()
 
 
+def softmax_(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension written into s (in place on CPU, through a temporary elsewhere)."""
+    return torch.softmax(s, dim=-1, out=s) if s.is_cpu else s.copy_(torch.softmax(s, dim=-1))
+
+
+def softmax_backward_(dp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """dS = P * (dP - rowsum(dP * P)) for fp32 probabilities P, written into dp on CPU."""
+    if dp.is_cpu:
+        return torch.ops.aten._softmax_backward_data.out(dp, p, -1, torch.float32, grad_input=dp)
+    return torch._softmax_backward_data(dp, p, -1, torch.float32)
+
+
 def _workspace(slot: str, numel: int, like: torch.Tensor) -> torch.Tensor:
     """This thread's buffer `slot` with at least numel elements, kept between calls: fresh CPU memory costs a
     page fault per 4 KiB on first touch, which is a sizeable part of the whole computation here."""
@@ -280,7 +292,7 @@ def _forward(q, k, v, plan, block_size, key_padding_mask, keep_probs):
             if keep is not None:
                 keep = keep[a:b]  # (n, 1, L)
                 s.masked_fill_(~keep, float("-inf"))
-            p = torch.softmax(s, dim=-1, out=s) if s.is_cpu else s.copy_(torch.softmax(s, dim=-1))  # P in s
+            p = softmax_(s)  # P in s
             if keep is not None:  # rows whose allowed keys are all padding: NaN -> 0
                 p.masked_fill_(~keep.any(-1, keepdim=True), 0.0)
             vg = _gather(vf, ik, vg_buf, n, L)
@@ -327,10 +339,7 @@ class _BlockSparseAttention(torch.autograd.Function):
                 dv.index_add_(0, ik, dvg.view(-1, bs, D))
                 vg = _gather(vf, ik, vg_buf, n, L)
                 dp = torch.bmm(dob, vg.transpose(1, 2), out=dp_buf[:n * bs * L].view(n, bs, L))
-                if dp.is_cpu:  # dS = P * (dP - rowsum(dP * P)), in place on CPU
-                    ds = torch.ops.aten._softmax_backward_data.out(dp, p, -1, torch.float32, grad_input=dp)
-                else:
-                    ds = torch._softmax_backward_data(dp, p, -1, torch.float32)
+                ds = softmax_backward_(dp, p)
                 kg = _gather(kf, ik, kg_buf, n, L)
                 dqb = dqb_buf[:n * bs * D].view(n, bs, D)
                 dq.index_copy_(0, iq, torch.baddbmm(dqb, ds, kg, beta=0.0, alpha=scale, out=dqb))

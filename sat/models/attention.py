@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sat.kernels import block_sparse_attention
+from sat.kernels.blocksparse_torch import softmax_, softmax_backward_
 from sat.sparsity.pattern import block_pool, pattern_loss, topk_layout
 
 # --- dropout with one-byte masks ------------------------------------------------------------------------------
@@ -36,25 +37,31 @@ from sat.sparsity.pattern import block_pool, pattern_loss, topk_layout
 _RANDOM_BITS = 16  # per element: p is rounded to a multiple of 2^-16
 
 
+_LEVELS = 1 << _RANDOM_BITS
+
+
+def _dropped_levels(p: float) -> int:
+    """How many of the 2^16 equally likely 16-bit values drop an element: p rounded to a multiple of 2^-16."""
+    return min(_LEVELS, max(0, round(p * _LEVELS)))
+
+
 def keep_mask_scale(p: float) -> float:
     """1 / P(keep) for keep_mask's masks: the exact inverse of the kept fraction after rounding p."""
-    levels = 1 << _RANDOM_BITS
-    drop = min(levels, max(0, round(p * levels)))
-    return levels / (levels - drop) if drop < levels else 0.0
+    drop = _dropped_levels(p)
+    return _LEVELS / (_LEVELS - drop) if drop < _LEVELS else 0.0
 
 
 def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str,
               out: torch.Tensor | None = None) -> torch.Tensor:
     """A Bernoulli keep mask (bool, P(keep) = 1 - p rounded to a multiple of 2^-16) from the global generator,
     written into `out` if given. Draws one 64-bit word per four elements."""
-    levels = 1 << _RANDOM_BITS
-    drop = min(levels, max(0, round(p * levels)))
+    drop = _dropped_levels(p)
     numel = math.prod(shape)
-    if drop == levels:  # p = 1: the threshold 2^15 is out of int16's range
+    if drop == _LEVELS:  # p = 1: the threshold 2^15 is out of int16's range
         return torch.zeros(shape, dtype=torch.bool, device=device) if out is None else out.fill_(False)
     words = torch.randint(-(1 << 63), (1 << 63) - 1, ((numel + 3) // 4,), dtype=torch.int64, device=device)
     lanes = words.view(torch.int16)[:numel].view(shape)  # uniform on [-2^15, 2^15)
-    return torch.ge(lanes, drop - levels // 2, out=out)
+    return torch.ge(lanes, drop - _LEVELS // 2, out=out)
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -130,8 +137,8 @@ class _DenseAttention(torch.autograd.Function):
         out = qs.new_empty(B * H, N, D)
         head_sum = qs.new_zeros(H, N, N) if collect else qs.new_empty(0)
         pooled = qs.new_empty(B, H, nb, nb) if collect else qs.new_empty(0)
-        dead = None if key_padding_mask is None else ~key_padding_mask.any(-1)  # (B,): every key padded
-        dead_host = None if dead is None else dead.cpu()  # one device sync, not one per chunk
+        # (B,) on the host, one device sync for the whole call: batch elements whose every key is padded
+        dead = None if key_padding_mask is None else (~key_padding_mask.any(-1)).cpu()
         chunk = max(1, _CHUNK_ELEMENTS // (H * N * N))  # batch elements per chunk
         buf = qs.new_empty(min(chunk, B) * H, N, N) if keep is not None else None
         for b0 in range(0, B, chunk):
@@ -140,9 +147,9 @@ class _DenseAttention(torch.autograd.Function):
             s = torch.bmm(qs[r0:r1], kf[r0:r1].transpose(1, 2), out=probs[r0:r1])
             if key_padding_mask is not None:
                 s.view(n, H, N, N).masked_fill_(~key_padding_mask[b0:b1, None, None, :], float("-inf"))
-            torch.softmax(s, dim=-1, out=s) if s.is_cpu else s.copy_(torch.softmax(s, dim=-1))
-            if dead is not None and bool(dead_host[b0:b1].any()):
-                s.view(n, H, N, N)[dead[b0:b1]] = 0.0  # rows with no unmasked key: zeros, not NaN
+            softmax_(s)
+            if dead is not None and bool(dead[b0:b1].any()):
+                s.view(n, H, N, N)[dead[b0:b1].to(s.device)] = 0.0  # rows with no unmasked key: zeros, not NaN
             if collect:
                 s4 = s.view(n, H, N, N)
                 for i in range(n):
@@ -175,10 +182,7 @@ class _DenseAttention(torch.autograd.Function):
             dp = torch.bmm(do[r0:r1], vs[r0:r1].transpose(1, 2), out=buf[: r1 - r0])  # dL/dP = (dO (c v)^T) * M
             if keep is not None:
                 dp.mul_(keep[r0:r1])
-            if dp.is_cpu:  # dS = P * (dP - rowsum(dP * P)), in place
-                ds = torch.ops.aten._softmax_backward_data.out(dp, s, -1, torch.float32, grad_input=dp)
-            else:
-                ds = torch._softmax_backward_data(dp, s, -1, torch.float32)
+            ds = softmax_backward_(dp, s)
             torch.bmm(ds, kf[r0:r1], out=dq[r0:r1]).mul_(ctx.scale)  # S = (q / sqrt(d)) k^T
             torch.bmm(ds.transpose(1, 2), qs[r0:r1], out=dk[r0:r1])
         if keep is not None:
@@ -269,15 +273,14 @@ class Attention(nn.Module):
             fused = q.dtype == torch.float32  # the fused function computes in fp32
             if collect and not fused:  # mixed precision (CUDA): low-precision matmuls, fp32 softmax; or float64
                 out, head_sum, pooled = self._explicit(q, k, v, key_padding_mask, dropout_p)
-                self.stats = self._statistics(head_sum / B, pooled)
             elif fused and (collect or (dropout_p > 0 and x.device.type == "cpu" and CPU_DROPOUT_PATH == "fused")):
                 out, head_sum, pooled = dense_attention(q, k, v, key_padding_mask, dropout_p, self.block_size,
                                                         collect)
-                if collect:
-                    self.stats = self._statistics(head_sum / B, pooled)
             else:
                 mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, N)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            if collect:
+                self.stats = self._statistics(head_sum / B, pooled)
         out = out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # (B, N, H*hd)
         return self.proj(out)
 
