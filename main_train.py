@@ -99,8 +99,10 @@ def _lost_peer(e: BaseException) -> bool:
     """A torch.distributed failure caused by a rank that is gone (its process died or its host left)."""
     import torch.distributed as dist
 
+    from sat.distributed import env_world_size
+
     text = str(e)
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
+    return env_world_size() > 1 and (
         isinstance(e, getattr(dist, "DistError", ())) or "closed by peer" in text or "reset by peer" in text
         or "remote worker" in text or "NCCL" in text)
 

@@ -119,11 +119,11 @@ def _suggest(name: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _merge(base: dict, extra: dict, where: str) -> dict:
+def _merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "generate":
-            out[key] = _merge(out[key], value, f"{where}.{key}")
+            out[key] = _merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -269,9 +269,9 @@ def load_config(task: str, preset: str | None = None, overrides: dict | None = N
         if preset not in presets or task not in presets[preset]:
             have = sorted(p for p, v in presets.items() if task in v)
             raise ConfigError(f"no preset {preset!r} for task {task}; presets for it: {have or 'none'}")
-        raw = _merge(raw, presets[preset][task], "preset")
+        raw = _merge(raw, presets[preset][task])
     if overrides:
-        raw = _merge(raw, overrides, "override")
+        raw = _merge(raw, overrides)
     for section in raw:
         if section not in SECTIONS:
             raise ConfigError(f"unknown config section {section!r}{_suggest(section, SECTIONS)}; sections are "

@@ -42,6 +42,7 @@ from sat.data.format import DataError, Split, load_meta, load_split
 from sat.data.lra import Batch, LRALoader, check_split
 from sat.fileio import atomic_write_text
 from sat.models.lra import LRAModel
+from sat.models.monarch import count_parameters
 from sat.sparsity.scheduler import Event, TransitionScheduler
 
 log = logging.getLogger("sat")
@@ -423,7 +424,7 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
             log.info(msg)
             tqdm.write(msg) if progress else print(msg, flush=True)
 
-    say(f"task {cfg.task}: {sum(p.numel() for p in model.parameters())} parameters, {len(splits['train'])} train / "
+    say(f"task {cfg.task}: {count_parameters(model)} parameters, {len(splits['train'])} train / "
         f"{len(splits['dev'])} dev / {len(splits['test'])} test examples, N={cfg.dataset.max_seq_len}, "
         f"sk={cfg.sparsity.sk} ds={cfg.sparsity.ds} density={cfg.sparsity.density}, device {dev}, "
         f"{t.train_steps} steps of {info.world} x {t.batch_size} examples ({len(train_loader)} per epoch)")
@@ -452,6 +453,8 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
         if not distributed.all_ranks_true(bool(torch.isfinite(loss)), dev):
             raise TrainingError(f"non-finite loss at step {step + 1}; {_kept(paths)}. Lower the learning rate "
                                 f"or use --amp off")
+        ce_value = float(ce.detach())  # read here, where the finiteness check has waited for the forward anyway
+        pattern_value = float(pattern.detach()) if stats and stats[0].pattern_loss is not None else None
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if t.clip_value > 0:
@@ -469,9 +472,6 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
         timing[f"{phase}_steps"] += 1
         events = scheduler.after_step(step, model)
         for event in events:
-            if event.kind == "sparsify":
-                for layer in model.attention_layers():
-                    distributed.broadcast_(layer.layout)  # rank 0's layouts on every rank
             _log_event(event, writer, say)
             if info.enabled:
                 print(f"rank {info.rank}/{info.world}: {event.kind} at step {event.step}", file=sys.stderr,
@@ -481,17 +481,17 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
         if events:
             net = data_parallel(model, cfg, scheduler.sparse)
         bar.update(1)
-        loss_file.write(f"{step}\t{float(ce.detach()):.8f}\t{phase}\n")
+        loss_file.write(f"{step}\t{ce_value:.8f}\t{phase}\n")
         if step % 10 == 0 or step == 1 or events:
             acc = float((logits.argmax(-1) == batch.y).float().mean())
-            writer.add_scalar("train/loss", float(ce.detach()), step)
+            writer.add_scalar("train/loss", ce_value, step)
             writer.add_scalar("train/accuracy", acc, step)
             writer.add_scalar("lr", lr, step)
             writer.add_scalar("sparsity/density", scheduler.density_used or 1.0, step)
             sps = timing[f"{phase}_steps"] / max(timing[f"{phase}_time"], 1e-9)
             writer.add_scalar(f"perf/steps_per_sec_{phase}", sps, step)
             writer.add_scalar("perf/peak_memory_mb", peak_memory_mb(dev), step)
-            bar.set_postfix(loss=f"{float(ce.detach()):.3f}", phase=phase, refresh=False)
+            bar.set_postfix(loss=f"{ce_value:.3f}", phase=phase, refresh=False)
         if stats:
             rec = scheduler.monitor.history[-1]
             for i in range(len(rec.skew)):
@@ -499,8 +499,8 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
                 writer.add_scalar(f"monitor/distance/layer{i}", rec.dist[i], step)
                 if math.isfinite(rec.drift[i]):
                     writer.add_scalar(f"monitor/drift/layer{i}", rec.drift[i], step)
-            if stats[0].pattern_loss is not None:
-                writer.add_scalar("train/pattern_loss", float(pattern.detach()), step)
+            if pattern_value is not None:
+                writer.add_scalar("train/pattern_loss", pattern_value, step)
         if step % t.eval_frequency == 0 or step == t.train_steps:
             res = evaluate(model, eval_loader(splits["dev"], cfg, info.rank, info.world), dev, dtype,
                            t.num_eval_batches, across_ranks=info.enabled)
@@ -605,18 +605,23 @@ def _state(cfg, model, optimizer, scheduler, loader, step, best_acc, vocab, data
     }
 
 
+def _load_weights(model: nn.Module, state: dict) -> None:
+    """Load a checkpoint's weights, densifying the Monarch MLPs first if the run had densified them."""
+    if state["scheduler"]["densify_step"] is not None:
+        from sat.models.monarch import densify
+
+        densify(model)
+    model.load_state_dict(state["model"])
+
+
 def _model_from_state(state: dict, dev: torch.device, backend: str) -> nn.Module:
     """Rebuild a model (densified if the run had densified) and load its weights."""
     from sat.config import from_dict
 
     cfg = from_dict(state["config"])
     model = build_model(cfg, state["vocab_size"], backend)
-    if state["scheduler"]["densify_step"] is not None:
-        from sat.models.monarch import densify
-
-        densify(model)
     try:
-        model.load_state_dict(state["model"])
+        _load_weights(model, state)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint does not match the model of task {cfg.task} "
                               f"({str(e).splitlines()[0]}); use the checkpoint of this task and config") from e
@@ -630,11 +635,7 @@ def _resume(paths, cfg, model, scheduler, loader, scaler, dev, mixer=None):
                               f"with another --name, or resume with the same settings")
     try:  # the config matches, so anything that does not fit is damage inside the file
         scheduler.load_state_dict(state["scheduler"], dev)
-        if scheduler.densify_step is not None:
-            from sat.models.monarch import densify
-
-            densify(model)
-        model.load_state_dict(state["model"])
+        _load_weights(model, state)
         model.to(dev)
         optimizer = make_optimizer(model, cfg)
         optimizer.load_state_dict(state["optimizer"])

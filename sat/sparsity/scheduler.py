@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sat import distributed
 from sat.config import SparsityConfig
 from sat.sparsity.monitor import TransitionMonitor
 
@@ -70,6 +71,8 @@ class TransitionScheduler:
     def _sparsify(self, step: int, model, reason: str) -> Event:
         layers = model.attention_layers()
         self.added_diagonal = sum(layer.sparsify(self.cfg.density) for layer in layers)
+        for layer in layers:
+            distributed.broadcast_(layer.layout)  # under torchrun every rank takes rank 0's layouts
         active = sum(int(layer.layout.sum()) for layer in layers)
         total = sum(layer.layout.numel() for layer in layers)
         self.density_used = active / total
