@@ -147,6 +147,15 @@ class ByteFiller:
         return Split(x=self.x[:self.n], lengths=self.lengths[:self.n], y=self.y[:self.n])
 
 
+def write_byte_task(out_dir: str | Path, task: str, fillers: dict[str, ByteFiller], max_len: int,
+                    meta: dict) -> dict:
+    """write_task for the byte-level tasks: adds the byte vocabulary, max_len, the encoding and the count of
+    skipped empty texts to the task's own meta keys (num_classes, labels, sha256, source...)."""
+    meta = {**meta, "vocab_size": BYTE_VOCAB_SIZE, "max_len": max_len, "encoding": "byte + 1, 0 = padding",
+            "skipped_empty": sum(f.skipped_empty for f in fillers.values())}
+    return write_task(out_dir, task, {s: f.split() for s, f in fillers.items()}, meta)
+
+
 def release_folder(raw_dir: Path, sub: str | Path, marker: str) -> Path:
     """`raw_dir/sub`, the release's folder inside the raw folder; or `raw_dir` itself when the user pointed at
     that folder directly (it holds `marker`, an entry the release folder has)."""

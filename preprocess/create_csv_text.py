@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from preprocess.common import (
-    BYTE_VOCAB_SIZE,
     DEV_EVERY,
     ByteFiller,
     base_parser,
@@ -31,7 +30,7 @@ from preprocess.common import (
     report,
     require_file,
     run_cli,
-    write_task,
+    write_byte_task,
 )
 from sat.data.format import DataError, sha256_of_files
 
@@ -93,11 +92,9 @@ def preprocess_csv_text(train_csv: str | Path, test_csv: str | Path, out_dir: st
         fillers["dev" if i % DEV_EVERY == DEV_EVERY - 1 else "train"].add((text,), mapping[label])
     for label, text in progress(_rows(test_path), n_test, f"{task} test"):
         fillers["test"].add((text,), mapping[label])
-    meta = {"vocab_size": BYTE_VOCAB_SIZE, "max_len": max_len, "num_classes": len(mapping),
-            "label_map": mapping, "encoding": "byte + 1, 0 = padding",
-            "skipped_empty": sum(f.skipped_empty for f in fillers.values()),
+    meta = {"num_classes": len(mapping), "label_map": mapping,
             "sha256": sha256_of_files([train_path, test_path]), "source": [str(train_path), str(test_path)]}
-    return write_task(out_dir, task, {s: f.split() for s, f in fillers.items()}, meta)
+    return write_byte_task(out_dir, task, fillers, max_len, meta)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from preprocess.common import (
-    BYTE_VOCAB_SIZE,
     ByteFiller,
     base_parser,
     check_max_len,
@@ -26,7 +25,7 @@ from preprocess.common import (
     report,
     require_file,
     run_cli,
-    write_task,
+    write_byte_task,
 )
 from sat.data.format import DataError, sha256_of_files
 
@@ -79,11 +78,8 @@ def preprocess_retrieval(raw_dir: str | Path, out_dir: str | Path, max_len: int 
     folder = release_folder(Path(raw_dir), "tsv_data", "new_aan_pairs.train.tsv")
     paths = {raw: require_file(folder / f"new_aan_pairs.{raw}.tsv", f"AAN {raw} split") for raw in RAW_SPLITS}
     fillers = {RAW_SPLITS[raw]: _read_split(p, max_len, f"{TASK} {raw}") for raw, p in paths.items()}
-    meta = {"vocab_size": BYTE_VOCAB_SIZE, "max_len": max_len, "num_classes": 2, "inputs": 2,
-            "encoding": "byte + 1, 0 = padding",
-            "skipped_empty": sum(f.skipped_empty for f in fillers.values()),
-            "sha256": sha256_of_files(paths.values()), "source": str(folder)}
-    return write_task(out_dir, TASK, {s: f.split() for s, f in fillers.items()}, meta)
+    meta = {"num_classes": 2, "inputs": 2, "sha256": sha256_of_files(paths.values()), "source": str(folder)}
+    return write_byte_task(out_dir, TASK, fillers, max_len, meta)
 
 
 def main(argv: list[str] | None = None) -> None:

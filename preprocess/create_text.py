@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from preprocess.common import (
-    BYTE_VOCAB_SIZE,
     DEV_EVERY,
     ByteFiller,
     base_parser,
@@ -25,7 +24,7 @@ from preprocess.common import (
     report,
     require_dir,
     run_cli,
-    write_task,
+    write_byte_task,
 )
 from sat.data.format import DataError, sha256_of_files
 
@@ -66,11 +65,9 @@ def preprocess_text(raw_dir: str | Path, out_dir: str | Path, max_len: int = 400
         "test": test_files,
     }
     fillers = {s: _fill(files, max_len, f"{TASK} {s}") for s, files in groups.items()}
-    meta = {"vocab_size": BYTE_VOCAB_SIZE, "max_len": max_len, "num_classes": len(CLASSES),
-            "labels": list(CLASSES), "encoding": "byte + 1, 0 = padding",
-            "skipped_empty": sum(f.skipped_empty for f in fillers.values()),
+    meta = {"num_classes": len(CLASSES), "labels": list(CLASSES),
             "sha256": sha256_of_files(p for p, _ in train_files + test_files), "source": str(root)}
-    return write_task(out_dir, TASK, {s: f.split() for s, f in fillers.items()}, meta)
+    return write_byte_task(out_dir, TASK, fillers, max_len, meta)
 
 
 def main(argv: list[str] | None = None) -> None:

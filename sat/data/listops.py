@@ -26,6 +26,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sat.fileio import atomic_write
+
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END, OPEN, CLOSE = "]", "(", ")"
 DIGITS = tuple(str(d) for d in range(10))
@@ -197,12 +199,8 @@ def generate_listops(raw_dir: str | Path, n_train: int = 96000, n_val: int = 200
     for i, (split, n) in enumerate(sizes.items()):
         rng = random.Random(f"listops-{seed}-{i}")
         trees = sample_trees(n, min_len, max_len, rng, max_depth, max_args, value_p, desc=f"listops {split}")
-        tmp = paths[split].with_suffix(".tsv.tmp")
-        with open(tmp, "w", encoding="ascii", newline="\n") as f:
-            f.write(HEADER + "\n")
-            for t in trees:
-                f.write(" ".join(tree_tokens(t)) + "\t" + str(tree_value(t)) + "\n")
-        tmp.replace(paths[split])
+        lines = [HEADER] + [" ".join(tree_tokens(t)) + "\t" + str(tree_value(t)) for t in trees]
+        atomic_write(paths[split], lambda f, lines=lines: f.writelines((line + "\n").encode("ascii") for line in lines))
     return out
 
 
