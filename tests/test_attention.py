@@ -43,8 +43,10 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 
+import sat.kernels.dense as dense_module  # noqa: E402
 import sat.models.attention as attention_module  # noqa: E402
-from sat.models.attention import Dropout, dense_attention, keep_mask, keep_mask_scale  # noqa: E402
+from sat.kernels.dense import dense_attention, keep_mask, keep_mask_scale  # noqa: E402
+from sat.models.attention import Dropout  # noqa: E402
 from sat.sparsity.pattern import block_pool  # noqa: E402
 
 
@@ -61,7 +63,7 @@ def explicit_attention(q, k, v, mask, keep=None, scale=1.0):
 @pytest.mark.parametrize("p_drop", [0.0, 0.3])
 @pytest.mark.parametrize("chunk_elements", [1 << 21, 4096])  # one chunk; one batch element per chunk
 def test_fused_dense_attention_matches_explicit_form(p_drop, chunk_elements, monkeypatch):
-    monkeypatch.setattr(attention_module, "_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(dense_module, "_CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(0)
     B, H, N, D, bs = 3, 2, 32, 8, 8
     q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64).float().requires_grad_() for _ in range(3))

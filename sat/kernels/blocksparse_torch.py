@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd.function import once_differentiable
 
+from sat.kernels.dense import softmax_, softmax_backward_
+
 
 @dataclass
 class _Bucket:
@@ -211,18 +213,6 @@ def _run(fn, batch: int, device: torch.device, kind: tuple) -> None:
 
 
 _local = threading.local()
-
-
-def softmax_(s: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension written into s (in place on CPU, through a temporary elsewhere)."""
-    return torch.softmax(s, dim=-1, out=s) if s.is_cpu else s.copy_(torch.softmax(s, dim=-1))
-
-
-def softmax_backward_(dp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """dS = P * (dP - rowsum(dP * P)) for fp32 probabilities P, written into dp on CPU."""
-    if dp.is_cpu:
-        return torch.ops.aten._softmax_backward_data.out(dp, p, -1, torch.float32, grad_input=dp)
-    return torch._softmax_backward_data(dp, p, -1, torch.float32)
 
 
 def _workspace(slot: str, numel: int, like: torch.Tensor) -> torch.Tensor:

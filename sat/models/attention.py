@@ -1,21 +1,15 @@
 """Multi-head self-attention shared by every model: dense (with the monitor's statistics) or block-sparse.
 
-Dense phase: monitored steps run `dense_attention`, one fused autograd function that computes
-softmax(q k^T / sqrt(d)) once per batch chunk and takes from the same probabilities the output, the
-batch-summed map for the monitor and the block-pooled map for the pattern; it keeps the probabilities (fp32)
-and a one-byte dropout mask for the backward (with mixed-precision inputs, on CUDA, monitored steps keep the
-unfused explicit form, whose matmuls run in the low precision). Unmonitored steps use
-scaled_dot_product_attention, which materialises no probabilities, except when training on a CPU with
+Dense phase: monitored steps run sat.kernels.dense.dense_attention, which takes the output, the monitor's
+batch-summed map and the pattern's block means from one computation of the probabilities (with
+mixed-precision or float64 inputs, monitored steps keep the unfused explicit form below). Unmonitored steps
+use scaled_dot_product_attention, which materialises no probabilities, except when training on a CPU with
 attention dropout: there SDPA falls back to its math path (probabilities, a float dropout mask and the dropped
-probabilities, all stored) and the fused function without statistics is faster and leaner
-(bench/train_step.py measures both).
+probabilities, all stored) and dense_attention without statistics is faster and leaner (bench/train_step.py
+measures both).
 Sparse phase: sat.kernels.block_sparse_attention over the frozen layout.
-Attention dropout applies in the dense phase only (the block-sparse kernels have none).
-
-Dropout on a CPU (attention and model dropout alike) draws its keep mask 16 bits per element, one 64-bit word
-of the global generator per four elements, and stores it in one byte per element (bernoulli_ takes a draw
-per element and F.dropout stores a float mask): the drop probability is p rounded to a multiple of 2^-16
-(0.1 -> 0.100006), and kept values are scaled by the exact 1 / (1 - p_rounded).
+Attention dropout applies in the dense phase only (the block-sparse kernels have none). Model dropout on a
+CPU uses the one-byte masks of sat.kernels.dense (see there).
 """
 
 from __future__ import annotations
@@ -26,43 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from sat.kernels import block_sparse_attention
-from sat.kernels.blocksparse_torch import softmax_, softmax_backward_
+from sat.kernels.dense import dense_attention, keep_mask, keep_mask_scale
 from sat.sparsity.pattern import block_pool, pattern_loss, topk_layout
 
 # --- dropout with one-byte masks ------------------------------------------------------------------------------
-
-_RANDOM_BITS = 16  # per element: p is rounded to a multiple of 2^-16
-
-
-_LEVELS = 1 << _RANDOM_BITS
-
-
-def _dropped_levels(p: float) -> int:
-    """How many of the 2^16 equally likely 16-bit values drop an element: p rounded to a multiple of 2^-16."""
-    return min(_LEVELS, max(0, round(p * _LEVELS)))
-
-
-def keep_mask_scale(p: float) -> float:
-    """1 / P(keep) for keep_mask's masks: the exact inverse of the kept fraction after rounding p."""
-    drop = _dropped_levels(p)
-    return _LEVELS / (_LEVELS - drop) if drop < _LEVELS else 0.0
-
-
-def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """A Bernoulli keep mask (bool, P(keep) = 1 - p rounded to a multiple of 2^-16) from the global generator,
-    written into `out` if given. Draws one 64-bit word per four elements."""
-    drop = _dropped_levels(p)
-    numel = math.prod(shape)
-    if drop == _LEVELS:  # p = 1: the threshold 2^15 is out of int16's range
-        return torch.zeros(shape, dtype=torch.bool, device=device) if out is None else out.fill_(False)
-    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((numel + 3) // 4,), dtype=torch.int64, device=device)
-    lanes = words.view(torch.int16)[:numel].view(shape)  # uniform on [-2^15, 2^15)
-    return torch.ge(lanes, drop - _LEVELS // 2, out=out)
-
 
 class _MaskedScale(torch.autograd.Function):
     """x * keep * scale, saving only the one-byte mask."""
@@ -103,103 +66,9 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-# --- fused dense attention ------------------------------------------------------------------------------------
-
 # Unmonitored CPU training steps with attention dropout: "fused" (dense_attention without statistics) or "sdpa"
 # (scaled_dot_product_attention's math path); bench/train_step.py times both.
 CPU_DROPOUT_PATH = "fused"
-_CHUNK_ELEMENTS = 1 << 21  # score entries per batch chunk (8 MiB fp32): the temporaries stay cache-sized
-
-
-class _DenseAttention(torch.autograd.Function):
-    """out = dropout(softmax(q k^T / sqrt(d) + padding bias)) v over batch chunks (SPEC.md section 4, dense).
-
-    Saves the fp32 probabilities P and the one-byte dropout mask M; the backward rebuilds P * M in a chunk buffer.
-    The dropout scale c is folded into v: (P * M * c) v = (P * M)(c v), so no N x N pass applies it.
-    With `collect` it also returns, without gradient, the batch sum of the probabilities (H, N, N) and their
-    block means (B, H, N/bs, N/bs); otherwise those two are empty.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, p, block_size, collect):
-        B, H, N, D = q.shape
-        nb = N // block_size
-        qs = (q.float() * (1.0 / math.sqrt(D))).reshape(B * H, N, D)  # (B*H, N, D) contiguous
-        kf = k.float().reshape(B * H, N, D).contiguous()
-        probs = qs.new_empty(B * H, N, N)
-        # The mask as uint8: products with a uint8 tensor are vectorised on CPU, with a bool one they are not.
-        keep = torch.empty(B * H, N, N, dtype=torch.uint8, device=q.device) if p > 0 else None
-        vs = v.float().reshape(B * H, N, D).contiguous()
-        keep_scale = 1.0
-        if keep is not None:
-            keep_scale = keep_mask_scale(p)
-            vs = vs * keep_scale
-        out = qs.new_empty(B * H, N, D)
-        head_sum = qs.new_zeros(H, N, N) if collect else qs.new_empty(0)
-        pooled = qs.new_empty(B, H, nb, nb) if collect else qs.new_empty(0)
-        # (B,) on the host, one device sync for the whole call: batch elements whose every key is padded
-        dead = None if key_padding_mask is None else (~key_padding_mask.any(-1)).cpu()
-        chunk = max(1, _CHUNK_ELEMENTS // (H * N * N))  # batch elements per chunk
-        buf = qs.new_empty(min(chunk, B) * H, N, N) if keep is not None else None
-        for b0 in range(0, B, chunk):
-            b1 = min(B, b0 + chunk)
-            r0, r1, n = b0 * H, b1 * H, b1 - b0
-            s = torch.bmm(qs[r0:r1], kf[r0:r1].transpose(1, 2), out=probs[r0:r1])
-            if key_padding_mask is not None:
-                s.view(n, H, N, N).masked_fill_(~key_padding_mask[b0:b1, None, None, :], float("-inf"))
-            softmax_(s)
-            if dead is not None and bool(dead[b0:b1].any()):
-                s.view(n, H, N, N)[dead[b0:b1].to(s.device)] = 0.0  # rows with no unmasked key: zeros, not NaN
-            if collect:
-                s4 = s.view(n, H, N, N)
-                for i in range(n):
-                    head_sum.add_(s4[i])
-                pooled[b0:b1] = s4.view(n, H, nb, block_size, nb, block_size).mean(dim=(3, 5))
-            pd = s
-            if keep is not None:
-                keep_mask((r1 - r0, N, N), p, q.device, out=keep[r0:r1].view(torch.bool))
-                pd = torch.mul(s, keep[r0:r1], out=buf[: r1 - r0])
-            torch.bmm(pd, vs[r0:r1], out=out[r0:r1])
-        ctx.save_for_backward(qs, kf, vs, probs, keep)
-        ctx.chunk, ctx.heads, ctx.scale, ctx.keep_scale = chunk * H, H, 1.0 / math.sqrt(D), keep_scale
-        ctx.mark_non_differentiable(head_sum, pooled)
-        return out.view(B, H, N, D).to(q.dtype), head_sum, pooled
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, _head_sum, _pooled):
-        qs, kf, vs, probs, keep = ctx.saved_tensors
-        R, N, D = qs.shape
-        chunk = ctx.chunk  # rows (batch x head) per chunk
-        do = dout.float().reshape(R, N, D)
-        dq, dk, dv = torch.empty_like(qs), torch.empty_like(qs), torch.empty_like(qs)
-        buf = qs.new_empty(min(chunk, R), N, N)
-        for r0 in range(0, R, chunk):
-            r1 = min(R, r0 + chunk)
-            s = probs[r0:r1]
-            pd = s if keep is None else torch.mul(s, keep[r0:r1], out=buf[: r1 - r0])  # P * M
-            torch.bmm(pd.transpose(1, 2), do[r0:r1], out=dv[r0:r1])  # dV = (P * M * c)^T dO, c applied below
-            dp = torch.bmm(do[r0:r1], vs[r0:r1].transpose(1, 2), out=buf[: r1 - r0])  # dL/dP = (dO (c v)^T) * M
-            if keep is not None:
-                dp.mul_(keep[r0:r1])
-            ds = softmax_backward_(dp, s)
-            torch.bmm(ds, kf[r0:r1], out=dq[r0:r1]).mul_(ctx.scale)  # S = (q / sqrt(d)) k^T
-            torch.bmm(ds.transpose(1, 2), qs[r0:r1], out=dk[r0:r1])
-        if keep is not None:
-            dv.mul_(ctx.keep_scale)
-        B, H = R // ctx.heads, ctx.heads
-        shape, dtype = (B, H, N, D), dout.dtype
-        return dq.view(shape).to(dtype), dk.view(shape).to(dtype), dv.view(shape).to(dtype), None, None, None, None
-
-
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                    dropout_p: float, block_size: int, collect: bool):
-    """(out (B, H, N, D), batch-summed probabilities (H, N, N) or empty, block means (B, H, nb, nb) or empty).
-
-    The probabilities are those before dropout. key_padding_mask: (B, N) bool, True = keep.
-    """
-    kpm = None if key_padding_mask is None else key_padding_mask.to(device=q.device, dtype=torch.bool)
-    return _DenseAttention.apply(q, k, v, kpm, dropout_p, block_size, collect)
 
 
 @dataclass
