@@ -76,8 +76,9 @@ _VIT_TINY = {
 PRESETS = {
     "quick": {
         "lra-listops": {
-            "dataset": {"max_seq_len": 256, "generate": {"n_train": 6000, "n_val": 500, "n_test": 1000,
-                                                          "min_len": 60, "max_len": 256}},
+            # LRA's lengths (parentheses not counted), capped at N=256 instead of LRA's 500 < length < 2000
+            "dataset": {"max_seq_len": 256, "generate": {"n_train": 6000, "n_val": 500, "n_test": 2000,
+                                                          "min_len": 64, "max_len": 256}},
             "model": {"num_layers": 2},
             "training": {"batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 100,
                          "train_steps": 1500, "eval_frequency": 250},

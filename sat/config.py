@@ -225,7 +225,7 @@ def validate(cfg: TaskConfig) -> TaskConfig:
 
 
 # dataset.generate: keyword arguments of sat.data.listops.generate_listops and their (type, lowest value)
-GENERATE = {"n_train": (int, 1), "n_val": (int, 1), "n_test": (int, 1), "min_len": (int, 1),
+GENERATE = {"n_train": (int, 1), "n_val": (int, 1), "n_test": (int, 1), "min_len": (int, 0),
             "max_len": (int, 1), "max_depth": (int, 1), "seed": (int, 0), "max_args": (int, 2),
             "value_p": (float, 0.0)}
 
@@ -240,10 +240,11 @@ def _check_generate(d: DatasetConfig) -> None:
         if not ok or not math.isfinite(value) or value < low or (key == "value_p" and value > 1):
             want = "a number in [0, 1]" if typ is float else f"an integer >= {low}"
             raise ConfigError(f"dataset.generate.{key} must be {want}, got {value!r}")
-    lo, hi = d.generate.get("min_len", 1), d.generate.get("max_len", d.max_seq_len)
-    if d.generate and not lo <= hi <= d.max_seq_len:
-        raise ConfigError(f"dataset.generate needs min_len <= max_len <= dataset.max_seq_len, got {lo}, {hi}, "
-                          f"{d.max_seq_len}")
+    # LRA's rule: trees kept when min_len < length < max_len, lengths without parentheses
+    lo, hi = d.generate.get("min_len", 0), d.generate.get("max_len", d.max_seq_len)
+    if d.generate and not lo + 2 <= hi <= d.max_seq_len:
+        raise ConfigError(f"dataset.generate keeps trees with min_len < length < max_len, so it needs min_len + 2 "
+                          f"<= max_len <= dataset.max_seq_len, got {lo}, {hi}, {d.max_seq_len}")
 
 
 def image_tokens(d: DatasetConfig) -> int:

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from sat import distributed
 from sat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sat.config import ConfigError, TaskConfig, validate
+from sat.data import listops
 from sat.data.format import DataError, Split, load_meta, load_split
 from sat.data.lra import Batch, LRALoader, check_split
 from sat.fileio import atomic_write_text
@@ -98,19 +99,17 @@ def default_data_dir(cfg: TaskConfig, root: str | Path = ".") -> Path:
 def prepare_data(cfg: TaskConfig, data_dir: Path) -> None:
     """Generate and preprocess ListOps when the config asks for generated data and none exists yet."""
     gen = cfg.dataset.generate
-    if not gen or (data_dir / f"{cfg.task}.meta.json").is_file():
+    if not gen or (data_dir / f"{cfg.task}.meta.json").is_file() and listops.is_current(load_meta(data_dir, cfg.task)):
         return
-    from preprocess.create_listops import preprocess_listops
-    from sat.data.listops import generate_listops
 
     raw = data_dir / "raw"
-    print(f"generating ListOps into {raw} (n_train={gen.get('n_train')}, lengths {gen.get('min_len')}-"
+    print(f"generating ListOps into {raw} (n_train={gen.get('n_train')}, {gen.get('min_len')} < length < "
           f"{gen.get('max_len')}) ...", flush=True)
     try:
-        generate_listops(raw, force=True, **gen)
+        listops.generate_listops(raw, force=True, **gen)
     except ValueError as e:  # e.g. a length range the generator keeps missing
         raise ConfigError(f"dataset.generate: {e}; widen min_len..max_len") from e
-    preprocess_listops(raw, data_dir, max_len=cfg.dataset.max_seq_len, force=True)
+    listops.preprocess_listops(raw, data_dir, max_len=cfg.dataset.max_seq_len, force=True)
 
 
 def load_data(cfg: TaskConfig, data_dir: Path, need_train: bool = True) -> tuple[dict, int]:
@@ -122,6 +121,8 @@ def load_data(cfg: TaskConfig, data_dir: Path, need_train: bool = True) -> tuple
     if cfg.dataset.kind == "image_folder":
         return load_image_folders(cfg, data_dir, need_train), 0
     meta = load_meta(data_dir, cfg.task)
+    if cfg.task == listops.TASK:
+        listops.check_processed_meta(meta, data_dir)
     vocab = cfg.dataset.vocab_size or int(meta.get("vocab_size", 0))
     if vocab <= 0:
         raise DataError(f"{data_dir}: meta.json has no vocab_size; re-run the preprocess script")

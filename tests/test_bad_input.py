@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from preprocess.create_listops import preprocess_listops
 from sat.checkpoint import load_checkpoint, save_checkpoint
-from sat.data.listops import generate_listops
+from sat.data.listops import generate_listops, preprocess_listops
 from tests.conftest import ROOT
 
 TASK, SEED = "lra-listops", 5

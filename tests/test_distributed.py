@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from preprocess.create_listops import preprocess_listops
-from sat.data.listops import generate_listops
+from sat.data.listops import generate_listops, preprocess_listops
 from tests.conftest import ROOT
 
 SETS = ['model.mlp="monarch"', "model.nblocks=2", "sparsity.s2d_fraction=0.625", "model.num_layers=2",

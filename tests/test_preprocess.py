@@ -13,13 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from preprocess.common import encode_bytes
-from preprocess.create_cifar10 import preprocess_cifar10, to_gray
-from preprocess.create_csv_text import preprocess_csv_text
-from preprocess.create_pathfinder import preprocess_pathfinder
-from preprocess.create_retrieval import preprocess_retrieval
-from preprocess.create_text import preprocess_text
 from sat.data.format import DataError, load_meta, load_split
+from sat.data.prepare import encode_bytes
+from sat.data.prepare.cifar10 import preprocess_cifar10, to_gray
+from sat.data.prepare.csv_text import preprocess_csv_text
+from sat.data.prepare.pathfinder import preprocess_pathfinder
+from sat.data.prepare.retrieval import preprocess_retrieval
+from sat.data.prepare.text import preprocess_text
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from preprocess.create_listops import preprocess_listops
 from sat.checkpoint import load_checkpoint, save_checkpoint
-from sat.data.listops import generate_listops
+from sat.data.listops import generate_listops, preprocess_listops
 from tests.conftest import ROOT
 
 STEPS, SWITCH, DENSIFY, SEED = 24, 8, 15, 3

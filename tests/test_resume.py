@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from preprocess.create_listops import preprocess_listops
-from sat.data.listops import generate_listops
+from sat.data.listops import generate_listops, preprocess_listops
 from tests.conftest import ROOT
 
 STEPS = 24

@@ -7,12 +7,11 @@ import sys
 
 import pytest
 
-from preprocess.create_cifar10 import preprocess_cifar10
-from preprocess.create_listops import preprocess_listops
-from preprocess.create_pathfinder import preprocess_pathfinder
-from preprocess.create_retrieval import preprocess_retrieval
-from preprocess.create_text import preprocess_text
-from sat.data.listops import generate_listops
+from sat.data.listops import generate_listops, preprocess_listops
+from sat.data.prepare.cifar10 import preprocess_cifar10
+from sat.data.prepare.pathfinder import preprocess_pathfinder
+from sat.data.prepare.retrieval import preprocess_retrieval
+from sat.data.prepare.text import preprocess_text
 from tests.conftest import ROOT
 from tests.test_preprocess import make_aan, make_cifar, make_imdb, make_pathfinder
 

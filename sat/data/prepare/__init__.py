@@ -1,7 +1,8 @@
-"""Plumbing shared by the preprocess scripts: CLI arguments, exit codes, overwrite checks, byte encoding.
+"""What every raw-data preparer shares: overwrite checks, required files, byte encoding, progress bars,
+writing a processed task, and the small command-line plumbing of the ``preprocess/`` scripts.
 
-Every script is ``python -m preprocess.create_X --raw RAW --out OUT [--force] [--max_len L]`` and an
-importable function that raises :class:`DataError` on missing or malformed input; :func:`run_cli` turns that
+Each preparer is an importable function that raises :class:`DataError` on missing or malformed input; the
+``preprocess/create_X.py`` scripts are thin command lines over them, and :func:`run_cli` turns a DataError
 into one line on stderr and exit code 2.
 """
 
