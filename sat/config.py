@@ -81,7 +81,11 @@ class SparsityConfig:
     monitor_every: int = 1
     max_dense_steps: int = 0       # 0 = never force the switch
     lr_scale_after_transition: float = 0.5
-    pattern: str = "learned"       # learned | measured
+    pattern: str = "learned"       # learned | measured | coverage
+    recall_target: float = 0.9     # coverage: keep the fewest blocks holding this fraction of the measured mass
+    min_density: float = 0.02      # coverage: bounds on the blocks kept (before diagonal blocks for empty rows)
+    max_density: float = 0.5
+    recall_batches: int = 4        # dev batches over which the layout recall (and coverage's mass) is measured
     per_head: bool = False
     s2d_fraction: float = 0.7      # Monarch MLPs densified at this fraction of train_steps (mlp: monarch)
     enabled: bool = True           # False = dense-only training (the monitor still runs and logs)
@@ -210,7 +214,13 @@ def validate(cfg: TaskConfig) -> TaskConfig:
         (s.max_dense_steps >= 0, "sparsity.max_dense_steps must be >= 0 (0 = never force)"),
         (s.attn_loss_scale >= 0, "sparsity.attn_loss_scale must be >= 0"),
         (s.lr_scale_after_transition > 0, "sparsity.lr_scale_after_transition must be positive"),
-        (s.pattern in ("learned", "measured"), f"sparsity.pattern must be 'learned' or 'measured', got {s.pattern!r}"),
+        (s.pattern in ("learned", "measured", "coverage"),
+         f"sparsity.pattern must be 'learned', 'measured' or 'coverage', got {s.pattern!r}"),
+        (0.0 < s.recall_target <= 1.0, f"sparsity.recall_target must lie in (0, 1], got {s.recall_target}"),
+        (0.0 < s.min_density <= s.max_density <= 1.0,
+         f"sparsity needs 0 < min_density <= max_density <= 1, got min_density {s.min_density} and max_density "
+         f"{s.max_density}"),
+        (s.recall_batches >= 1, f"sparsity.recall_batches must be at least 1, got {s.recall_batches}"),
         (0.0 < s.s2d_fraction <= 1.0, "sparsity.s2d_fraction must lie in (0, 1]"),
     ]
     for ok, message in checks:
@@ -221,6 +231,9 @@ def validate(cfg: TaskConfig) -> TaskConfig:
     if int(nb * nb * s.density) < 1:
         raise ConfigError(f"density {s.density} keeps no block of the {nb}x{nb} block grid; raise --density or "
                           f"lower block_size")
+    if s.pattern == "coverage" and int(nb * nb * s.max_density) < 1:
+        raise ConfigError(f"sparsity.max_density {s.max_density} keeps no block of the {nb}x{nb} block grid; "
+                          f"raise it or lower block_size")
     return cfg
 
 

@@ -1,7 +1,17 @@
+import itertools
+
 import pytest
 import torch
 
-from sat.sparsity.pattern import block_pool, pattern_loss, topk_layout
+from sat.sparsity.pattern import (
+    block_pool,
+    coverage_layout,
+    fill_empty_rows,
+    pattern_loss,
+    ranked_blocks,
+    ranked_layout,
+    topk_layout,
+)
 
 
 @pytest.mark.parametrize("nb,density", [(4, 0.25), (8, 0.05), (16, 0.1), (32, 0.04), (7, 0.5)])
@@ -44,3 +54,122 @@ def test_block_pool_and_loss():
 def test_impossible_density():
     with pytest.raises(ValueError):
         topk_layout(torch.rand(4, 4), 0.01)
+
+
+# ------------------------------------------------------------------------------------------------ coverage
+
+
+def fewest_by_search(mass, target):
+    """The smallest number of blocks of a (nb, nb) map holding `target` of its mass, over every subset."""
+    flat = mass.flatten().tolist()
+    need = target * sum(flat)
+    for size in range(len(flat) + 1):
+        if any(sum(flat[i] for i in subset) >= need for subset in itertools.combinations(range(len(flat)), size)):
+            return size
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("target", [0.3, 0.6, 0.9, 0.99])
+def test_coverage_keeps_the_fewest_blocks(seed, target):
+    gen = torch.Generator().manual_seed(seed)
+    mass = torch.rand(1, 3, 3, generator=gen, dtype=torch.float64) ** 3  # skewed, like attention maps
+    result = coverage_layout(mass, target, 0.01, 1.0, per_head=False)
+    (count,) = result.selected
+    assert count == fewest_by_search(mass[0], target)
+    chosen = mass.flatten().sort(descending=True).indices[:count]  # the heaviest `count` blocks
+    assert bool(result.layout.flatten()[chosen].all())
+    assert float(mass.flatten()[chosen].sum()) >= target * float(mass.sum())  # reached without the fix-up
+    assert int(result.layout.sum()) == count + result.added
+    assert bool(result.layout.any(dim=-1).all())
+
+
+def test_coverage_diagonal_fix_up_is_on_top_of_the_count():
+    mass = torch.zeros(1, 4, 4, dtype=torch.float64)
+    mass[0, 0, 1], mass[0, 1, 0] = 10.0, 9.0  # 19 of 21
+    mass[0, 2, 3], mass[0, 3, 3] = 1.0, 1.0
+    result = coverage_layout(mass, 0.9, 0.01, 1.0, per_head=False)
+    assert result.added == 2 and bool(result.layout[0, 2, 2]) and bool(result.layout[0, 3, 3])
+    assert int(result.layout.sum()) == 2 + 2 and result.density_used == 4 / 16
+
+
+def test_coverage_bounds():
+    gen = torch.Generator().manual_seed(1)
+    mass = torch.rand(2, 8, 8, generator=gen, dtype=torch.float64)
+    capped = coverage_layout(mass, 1.0, 0.02, 0.25, per_head=True)  # full mass would need all 64
+    assert capped.selected == [16, 16]
+    floored = coverage_layout(mass, 0.01, 0.3, 0.5, per_head=True)  # one block would do
+    assert floored.selected == [int(64 * 0.3)] * 2
+    tiny = coverage_layout(mass, 0.01, 0.001, 0.5, per_head=False)  # int(64 * 0.001) = 0: still one block
+    assert tiny.selected[0] == 1 and tiny.added == 7
+    for result in (capped, floored, tiny):
+        assert bool(result.layout.any(dim=-1).all())
+        assert result.density_used == int(result.layout.sum()) / result.layout.numel()
+
+
+def test_coverage_with_equal_bounds_is_the_top_k_of_the_mass():
+    mass = torch.rand(3, 8, 8, dtype=torch.float64)
+    for density in (0.05, 0.2, 0.5):
+        for per_head in (False, True):
+            result = coverage_layout(mass, 0.5, density, density, per_head)
+            expected, added = topk_layout(mass if per_head else mass.sum(dim=0), density)
+            assert torch.equal(result.layout, expected) and result.added == added
+
+
+def test_coverage_target_one_stops_at_the_last_block_with_mass():
+    # 14 blocks with mass whose sum in ranked order rounds below torch.sum's: the target must still be met there
+    mass = torch.tensor([[[0.600666975770498, 0.149139720214304, 0.39413691214162916, 0.8634036173086611],
+                          [0.11116918261510422, 0.8095259532666201, 0.7889851942984908, 0.7976543949243411],
+                          [0.4067139891217675, 0.7236211067005224, 0.011814603799663703, 0.25659200749918054],
+                          [0.0, 0.0, 0.4951283840625459, 0.15435919220980943]]], dtype=torch.float64)
+    assert float(mass.flatten().sort(descending=True).values.cumsum(0)[-1]) < float(mass.sum())
+    result = coverage_layout(mass, 1.0, 0.01, 1.0, per_head=False)
+    assert result.selected == [14] and result.added == 0 and not result.layout[0, 3, :2].any()
+
+
+def test_coverage_per_head_layouts_follow_each_head():
+    mass = torch.full((2, 4, 4), 0.01, dtype=torch.float64)
+    mass[0, :, 0] = 1.0  # head 0 looks at the first key block, head 1 along the diagonal
+    mass[1] += torch.eye(4, dtype=torch.float64)
+    per_head = coverage_layout(mass, 0.9, 0.01, 1.0, per_head=True)
+    assert per_head.layout.shape == (2, 4, 4) and per_head.added == 0
+    assert torch.equal(per_head.layout[0], torch.zeros(4, 4, dtype=torch.bool).index_fill_(1, torch.tensor(0), True))
+    assert torch.equal(per_head.layout[1], torch.eye(4, dtype=torch.bool))
+    assert per_head.density_used == 8 / 32 and per_head.selected == [4, 4]
+    shared = coverage_layout(mass, 0.9, 0.01, 1.0, per_head=False)
+    assert shared.layout.shape == (1, 4, 4)
+    # the shared layout ranks the head-summed mass: column 0 and the diagonal, (0, 0) counted once
+    assert torch.equal(shared.layout[0], per_head.layout[0] | per_head.layout[1])
+    assert shared.density_used == 7 / 16 and shared.selected == [7]
+
+
+def test_coverage_breaks_ties_in_row_major_order():
+    mass = torch.ones(1, 4, 4)
+    result = coverage_layout(mass, 0.5, 0.01, 1.0, per_head=False)  # 8 of 16 equal blocks: rows 0 and 1
+    assert result.layout[0, :2].all() and result.added == 2
+    assert torch.equal(result.layout[0, 2:], torch.eye(4, dtype=torch.bool)[2:])
+    assert ranked_blocks(torch.tensor([[[1.0, 3.0], [3.0, 2.0]]])).tolist() == [[1, 2, 3, 0]]
+
+
+@pytest.mark.parametrize("args,match", [
+    ((0.0, 0.02, 0.5), "recall_target"),
+    ((1.5, 0.02, 0.5), "recall_target"),
+    ((0.9, 0.0, 0.5), "min_density"),
+    ((0.9, 0.6, 0.5), "min_density"),
+    ((0.9, 0.02, 1.5), "max_density"),
+    ((0.9, 0.01, 0.05), "keeps no block"),  # int(16 * 0.05) = 0
+])
+def test_coverage_refuses_impossible_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        coverage_layout(torch.rand(2, 4, 4), *args, per_head=False)
+    with pytest.raises(ValueError, match="shape"):
+        coverage_layout(torch.rand(4, 4), 0.9, 0.02, 0.5, per_head=False)
+
+
+def test_ranked_layout_and_fill_empty_rows():
+    scores = torch.tensor([[[4.0, 3.0], [0.0, 1.0]], [[0.0, 1.0], [2.0, 0.0]]])
+    layout, added = ranked_layout(scores, torch.tensor([2, 1]))
+    assert layout.tolist() == [[[True, True], [False, True]], [[True, False], [True, False]]]
+    assert added == 2  # map 0: row 1 gets (1, 1); map 1: row 0 gets (0, 0)
+    full, none_added = fill_empty_rows(torch.ones(1, 3, 3, dtype=torch.bool))
+    assert none_added == 0 and bool(full.all())

@@ -1,12 +1,16 @@
-"""Block-importance patterns and the top-k layout chosen from them (SPEC.md section 3).
+"""Block-importance patterns and the layouts chosen from them (docs/layouts.md).
 
 "learned": each attention layer owns P (nb, head_dim), G = P P^T is trained during the dense phase by
 MSE(avgpool(probs), G). "measured": G is the running mean of the block-pooled attention map (no extra loss).
 At the switch the layout is the top-k of G with k = int(nb * nb * density), plus the diagonal block of any
 query-block row left empty, so that no softmax row is empty.
+"coverage": the fewest blocks whose measured attention mass (sat.sparsity.recall.block_mass) reaches a
+fraction of the total, within density bounds, with the same diagonal rule for empty rows.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +45,80 @@ def topk_layout(importance: torch.Tensor, density: float) -> tuple[torch.Tensor,
     idx = flat.topk(k, dim=-1).indices  # (h, k)
     layout = torch.zeros(h, nb * nb, dtype=torch.bool, device=g.device)
     layout.scatter_(1, idx, True)
-    layout = layout.reshape(h, nb, nb)
+    return fill_empty_rows(layout.reshape(h, nb, nb))
+
+
+def fill_empty_rows(layout: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Give every query-block row of a (h, nb, nb) bool layout without an active block its diagonal block, in
+    place; returns (layout, number of blocks added)."""
+    nb = layout.shape[-1]
     empty = ~layout.any(dim=-1)  # (h, nb): query-block rows with no active key block
     added = int(empty.sum())
     if added:
-        diag = torch.eye(nb, dtype=torch.bool, device=g.device).unsqueeze(0) & empty.unsqueeze(-1)
+        diag = torch.eye(nb, dtype=torch.bool, device=layout.device).unsqueeze(0) & empty.unsqueeze(-1)
         layout |= diag
     return layout, added
+
+
+def ranked_blocks(scores: torch.Tensor) -> torch.Tensor:
+    """Flat block indices of each map, (h, nb, nb) -> (h, nb * nb), from the highest score to the lowest; equal
+    scores keep row-major order (query block, then key block), so the ranking is deterministic."""
+    h = scores.shape[0]
+    return torch.sort(scores.reshape(h, -1), dim=-1, descending=True, stable=True).indices
+
+
+def ranked_layout(scores: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The counts[i] highest-scoring blocks of map i (ties as in ranked_blocks), plus the diagonal block of every
+    row left empty. scores: (h, nb, nb); counts: (h,) ints. Returns (layout bool (h, nb, nb), blocks added)."""
+    h, nb, _ = scores.shape
+    order = ranked_blocks(scores)  # (h, nb*nb)
+    positions = torch.arange(nb * nb, device=scores.device).unsqueeze(0)  # (1, nb*nb)
+    keep = positions < counts.to(scores.device).reshape(h, 1)  # (h, nb*nb): the first counts[i] of the ranking
+    layout = torch.zeros(h, nb * nb, dtype=torch.bool, device=scores.device).scatter_(1, order, keep)
+    return fill_empty_rows(layout.reshape(h, nb, nb))
+
+
+class CoverageLayout(NamedTuple):
+    layout: torch.Tensor  # bool (1 or H, nb, nb)
+    density_used: float   # active blocks / all blocks of the layout, the added diagonal blocks included
+    added: int            # diagonal blocks added to rows the selection left empty
+    selected: list[int]   # blocks chosen per map (1 or H) before those diagonal blocks
+
+
+def coverage_layout(block_mass: torch.Tensor, recall_target: float, min_density: float, max_density: float,
+                    per_head: bool) -> CoverageLayout:
+    """The fewest blocks whose mass reaches recall_target of the total, per map, then the diagonal rule.
+
+    block_mass: (H, nb, nb) attention mass per (head, query block, key block), e.g. from
+    sat.sparsity.recall.block_mass. per_head=False ranks the head-summed mass and returns one (1, nb, nb)
+    layout for all heads; per_head=True returns an (H, nb, nb) layout, one selection per head.
+
+    Taking blocks in descending order of mass (ties in row-major order) until the target is reached keeps the
+    fewest: any m blocks hold at most the mass of the m heaviest, so if some m blocks reach the target the m
+    heaviest do too, and the first m at which the heaviest reach it is the minimum. The count is then held
+    within [max(1, int(nb * nb * min_density)), int(nb * nb * max_density)]. As in topk_layout, the diagonal
+    blocks given to rows left empty come on top of the count: they do not count towards max_density, so
+    density_used can exceed it by at most (nb - 1) / (nb * nb).
+    """
+    if block_mass.dim() != 3 or block_mass.shape[-1] != block_mass.shape[-2]:
+        raise ValueError(f"block_mass must have shape (H, nb, nb), got {tuple(block_mass.shape)}")
+    if not 0.0 < recall_target <= 1.0:
+        raise ValueError(f"recall_target must lie in (0, 1], got {recall_target}")
+    if not 0.0 < min_density <= max_density <= 1.0:
+        raise ValueError(f"densities need 0 < min_density <= max_density <= 1, got {min_density}, {max_density}")
+    mass = block_mass.detach().to(torch.float64)
+    if not per_head:
+        mass = mass.sum(dim=0, keepdim=True)  # (1, nb, nb): one layout shared by the heads
+    h, nb, _ = mass.shape
+    cells = nb * nb
+    lowest, highest = max(1, int(cells * min_density)), int(cells * max_density)
+    if highest < 1:
+        raise ValueError(f"max_density {max_density} keeps no block of a {nb}x{nb} grid")
+    order = ranked_blocks(mass)  # (h, cells)
+    kept = mass.reshape(h, cells).gather(1, order).cumsum(dim=1)  # (h, cells): mass of the first m blocks
+    # The total is the last partial sum, so target 1.0 stops at the last block with mass (no rounding gap);
+    # recall_target <= 1 makes the last entry always reach the target.
+    reached = kept >= recall_target * kept[:, -1:]
+    counts = (reached.to(torch.int64).argmax(dim=1) + 1).clamp(lowest, highest)  # (h,)
+    layout, added = ranked_layout(mass, counts)
+    return CoverageLayout(layout, int(layout.sum()) / layout.numel(), added, counts.tolist())
