@@ -423,10 +423,14 @@ def config_for(q: torch.Tensor, block_size: int) -> LaunchConfig:
     return launch_config(block_size, q.shape[-1], q.dtype, _capability(q), fp32_matmul_precision())
 
 
+# Fused multiply-adds in the kernels' arithmetic, asked for explicitly: Triton's default changes in 3.10.
+_OPTIONS = {"enable_fp_fusion": True}
+
+
 def _consts(cfg: LaunchConfig, has_pad: bool) -> dict:
     return dict(BLOCK_SIZE=cfg.block_size, ROWS=cfg.rows, STEP=cfg.step, GROUP=cfg.group, BLOCK_D=cfg.block_d,
                 HEAD_DIM=cfg.head_dim, HAS_PAD=has_pad, DOT_PREC=cfg.dot_prec,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_OPTIONS)
 
 
 def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
@@ -480,7 +484,8 @@ def _backward(do, q, k, v, out, lse, tables, kpm, cfg):
     with _device_context(q):
         _launch(_attn_bwd_preprocess, (N // cfg.pre_rows, H, B), (
             out, do, delta, *_strides3(out), *_strides3(do), H, N),
-            dict(ROWS=cfg.pre_rows, BLOCK_D=cfg.block_d, HEAD_DIM=D, num_warps=cfg.pre_warps, num_stages=1))
+            dict(ROWS=cfg.pre_rows, BLOCK_D=cfg.block_d, HEAD_DIM=D, num_warps=cfg.pre_warps, num_stages=1,
+                 **_OPTIONS))
         _launch(_attn_bwd_dkdv, grid, (
             q, k, v, do, dk, dv, lse, delta, kpm_arg, tables.bwd_cnt, tables.bwd_idx,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *kpm_strides,
