@@ -1,4 +1,4 @@
-"""The Triton backend agrees with the dense reference (SPEC.md section 4), run by Triton's CPU interpreter.
+"""The Triton backend agrees with the dense reference (docs/block-sparse.md), run by Triton's CPU interpreter.
 
 Triton binds every @triton.jit function, its own library included, to the interpreter when it is decorated,
 so TRITON_INTERPRET=1 has to be set before triton is first imported, and setting it for the whole pytest run

@@ -28,7 +28,7 @@ CUDA = torch.device("cuda")
 def triton_installed(monkeypatch):
     """Dispatch as on a machine with Triton installed (the decision must not depend on this one's)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(ts.importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
+    monkeypatch.setattr(ts, "_triton_installed", lambda: True)
     ts._logged.clear()
 
 
@@ -88,7 +88,7 @@ def test_cpu_and_missing_triton(triton_installed, caplog, monkeypatch):
         check_backend("triton", torch.float32, 32, 32, 4, "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs CPU tensors
     assert check_backend("triton", torch.float32, 32, 32, 4, "cpu") == "triton"
-    monkeypatch.setattr(ts.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(ts, "_triton_installed", lambda: False)
     choice, logged = _auto(caplog, torch.bfloat16, 32, 32, 4, CUDA)
     assert choice == "torch" and len(logged) == 1 and "Triton is not installed" in logged[0]
     with pytest.raises(ValueError, match="Triton is not installed"):
@@ -199,3 +199,44 @@ def test_training_with_triton_it_cannot_run_stops_before_it_starts(data, tmp_pat
     r = _train(tmp_path, data, {**env, "TRITON_INTERPRET": "1"}, "--backend", "triton")
     refused(r, "head_dim 8 is outside 16..128")
     nothing_written(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ package
+
+
+def test_kernels_package_has_no_import_cycle():
+    """Every import between sat.kernels modules, function-level ones included, forms no cycle; the package's
+    __init__ only imports from its modules, and no module takes a name from the package's __init__."""
+    import ast
+
+    pkg = ROOT / "sat" / "kernels"
+    modules = {p.stem: p for p in pkg.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sat.kernels"):
+                target = node.module.removeprefix("sat.kernels").lstrip(".") or "__init__"
+                if target == "__init__":  # `from sat.kernels import x`: x is a module or a name of __init__
+                    deps |= {a.name if a.name in modules else "__init__" for a in node.names}
+                else:
+                    deps.add(target)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.removeprefix("sat.kernels.") for a in node.names if a.name.startswith("sat.kernels.")}
+        graph[name] = deps - {name}
+    assert all("__init__" not in deps for name, deps in graph.items() if name != "__init__"), graph
+    visiting, done = set(), set()
+
+    def visit(name: str, path: list[str]) -> None:
+        assert name not in visiting, f"import cycle: {' -> '.join(path + [name])}"
+        if name in done:
+            return
+        visiting.add(name)
+        for dep in graph.get(name, ()):
+            visit(dep, path + [name])
+        visiting.discard(name)
+        done.add(name)
+
+    for name in graph:
+        visit(name, [])
+    assert graph["blocksparse_triton"] == {"triton_support"} and "triton_support" in graph["__init__"]

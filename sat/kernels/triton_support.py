@@ -8,6 +8,7 @@ and without an import cycle. docs/gpu.md describes the dispatch and the fp32 pre
 from __future__ import annotations
 
 import contextvars
+import functools
 import importlib.util
 import logging
 import os
@@ -71,9 +72,14 @@ def triton_device_problem(device: torch.device | str) -> str:
         return ""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"device {device.type} is not a CUDA GPU"
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "Triton is not installed"
     return ""
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # looked up once: dispatch runs on every call
 
 
 _logged: set[str] = set()
@@ -193,7 +199,7 @@ def launch_config(block_size: int, head_dim: int, dtype: torch.dtype, capability
     num_stages = 2 if (wide or rows * block_d >= 64 * 128) else 3
     pre_rows = min(block_size, 64)
     return LaunchConfig(block_size, rows, step, group, block_d, head_dim, "ieee" if ieee else "tf32",
-                        num_warps, num_stages, pre_rows, 4 if pre_rows * block_d >= 64 * 64 else 2)
+                        num_warps, num_stages, pre_rows, 4)  # 2 warps spilled fp32 32 x 64 on sm_90 (Triton 3.6)
 
 
 __all__ = ["BACKENDS", "LaunchConfig", "check_backend", "check_layout", "fp32_matmul_precision",

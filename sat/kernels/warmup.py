@@ -209,14 +209,21 @@ def record_training_launches(shape: Shape, dtype: torch.dtype, padded: bool, cap
     return launches
 
 
-def report(archs: list[int], dtypes: list[str], out: Path | None) -> int:
-    """Compile every distinct binary that training launches for the configured shapes; print and write the
-    table. Exit code 1 when a binary spills registers or needs more shared memory than its target has."""
+def report(archs: list[int], dtypes: list[str], out: Path | None, both_layouts: bool = False) -> int:
+    """Compile every distinct binary that training launches for the configured shapes (with `both_layouts`,
+    each also with the other of shared / per-head layouts); print and write the table. Exit code 1 when a
+    binary spills registers or needs more shared memory than its target has."""
+    import dataclasses
+
     import triton
 
     from sat.kernels.triton_compile import compile_launch, launch_key
 
     shapes, source = configured_shapes()
+    if both_layouts:
+        shapes += [dataclasses.replace(s, name=f"{s.name} {'shared' if s.per_head else 'per-head'}",
+                                       per_head=not s.per_head) for s in shapes]
+        source += ", each with shared and per-head layouts"
     lines = [f"# Triton {triton.__version__} compile report: `python -m sat.kernels.warmup --report` "
              f"(torch {torch.__version__})",
              f"# shapes from {source}; each binary is what a training step launches (sat.models.attention, "
@@ -329,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                              "TF32 allowed); default bf16,fp16 for a GPU build, all four for --report")
     parser.add_argument("--arch", default="80,90", help="--report targets (compute capability, default 80,90)")
     parser.add_argument("--out", type=Path, default=None, help="--report: also write the table to this file")
+    parser.add_argument("--both-layouts", action="store_true",
+                        help="--report: each shape also with the other of shared / per-head layouts")
     args = parser.parse_args(argv)
     if args.smoke:
         return smoke()
@@ -339,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     if args.report:
-        return report(archs, dtypes, args.out)
+        return report(archs, dtypes, args.out, args.both_layouts)
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to build (the torch backend will be used); try --smoke or --report")
         return 2
