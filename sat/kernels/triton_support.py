@@ -146,9 +146,9 @@ class LaunchConfig:
     """How the kernels tile one (block size, head dim, dtype, precision, GPU) case.
 
     Every program covers `rows` query rows (forward, dQ) or key rows (dK/dV) and walks the other side `step`
-    rows at a time. `group` > 1 means one program covers `group` consecutive blocks of the layout (rows
-    below one block size get no tensor-core instruction of the GPU's widest kind: Hopper's wgmma needs 64):
-    it walks the union of their active blocks and masks, per row, the blocks its own layout row lacks.
+    rows at a time. `group` > 1 means one program covers `group` consecutive blocks of the layout (Hopper's
+    wgmma needs 64-row tiles): it walks the union of their active blocks and masks, per row, the blocks its
+    own layout row lacks.
     """
 
     block_size: int
@@ -176,7 +176,7 @@ def launch_config(block_size: int, head_dim: int, dtype: torch.dtype, capability
     register spills, and shared memory within each target's limit, for the configured shapes.
       * 16-bit and TF32 inputs: programs of at most 64 rows (a 128 block is walked in 64-row steps). On Hopper
         (sm_90) a program covers 64 rows even for blocks of 32 or 16 (two or four layout blocks) so that its
-        dots compile to wgmma, which needs 64; older GPUs keep one block per program (mma.sync needs 16).
+        dots compile to wgmma, which needs 64; other GPUs keep one block per program (mma.sync needs 16).
         fp32 (TF32) loops take at most 32 rows per step, 16 for head dims above 64: twice the bytes per
         element would otherwise spill the backward's registers.
       * Exact fp32 ("ieee") dots are FMA loops, no tensor cores: 32-row tiles, 8 warps from head dim 64 on,
@@ -192,7 +192,7 @@ def launch_config(block_size: int, head_dim: int, dtype: torch.dtype, capability
         step = rows if block_d <= 64 else min(rows, 16)
         num_warps = 8 if block_d >= 64 else (4 if rows >= 32 else 2)
     else:
-        rows = 64 if capability[0] >= 9 else min(block_size, 64)
+        rows = 64 if capability[0] == 9 else min(block_size, 64)
         step = min(block_size, 64 if not wide else (32 if block_d <= 64 else 16))
         num_warps = 8 if rows * block_d >= 64 * 128 else (4 if rows >= 32 else 2)
     group = max(1, rows // block_size)
