@@ -42,6 +42,7 @@ from sat.data import listops
 from sat.data.format import DataError, Split, load_meta, load_split
 from sat.data.lra import Batch, LRALoader, check_split
 from sat.fileio import atomic_write_text
+from sat.kernels import check_backend
 from sat.models.lra import LRAModel
 from sat.models.monarch import count_parameters
 from sat.sparsity.scheduler import Event, TransitionScheduler
@@ -388,6 +389,11 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
     from torch.utils.tensorboard import SummaryWriter
 
     dev = torch.device(device)
+    try:  # a backend that cannot run this model is a one-line error now, not a crash at the switch
+        check_backend(backend, amp_dtype(cfg, dev) or torch.float32, cfg.sparsity.block_size, cfg.model.head_dim,
+                      cfg.training.batch_size * (2 if cfg.dataset.two_inputs else 1), dev, cfg.model.num_heads)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     info = distributed.current()
     main = info.is_main
     torch.manual_seed(seed)
