@@ -67,7 +67,7 @@ def child(phase: str, task: str, preset: str | None, batch: int, density: float 
 
     import sat.models.attention as attention
     from sat.config import load_config
-    from sat.data.lra import Batch
+    from sat.data.batch import Batch
     from sat.kernels import blocksparse_torch
     from sat.sparsity.monitor import TransitionMonitor
     from sat.train import build_model, make_optimizer

@@ -38,8 +38,9 @@ from tqdm import tqdm
 from sat import distributed
 from sat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sat.config import ConfigError, TaskConfig, validate
+from sat.data.batch import Batch
 from sat.data.format import DataError, Split, load_meta, load_split
-from sat.data.lra import Batch, LRALoader, check_split
+from sat.data.lra import LRALoader, check_split
 from sat.fileio import atomic_write_text
 from sat.models.lra import LRAModel
 from sat.models.monarch import count_parameters

@@ -46,7 +46,7 @@ import pytest  # noqa: E402
 import sat.kernels.dense as dense_module  # noqa: E402
 import sat.models.attention as attention_module  # noqa: E402
 from sat.kernels.dense import dense_attention, keep_mask, keep_mask_scale  # noqa: E402
-from sat.models.attention import Dropout  # noqa: E402
+from sat.models.dropout import Dropout  # noqa: E402
 from sat.sparsity.pattern import block_pool  # noqa: E402
 
 
@@ -147,7 +147,7 @@ def test_monitored_and_unmonitored_training_steps_draw_the_same_dropout():
 def test_sparse_phase_recompute_gives_the_same_gradients():
     """model.recompute=sparse replays each block's forward in the backward, dropout masks included."""
     from sat.config import load_config
-    from sat.data.lra import Batch
+    from sat.data.batch import Batch
     from sat.train import build_model
 
     results = []

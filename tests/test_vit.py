@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from sat.config import ConfigError, load_config
-from sat.data.lra import Batch
+from sat.data.batch import Batch
 from sat.models.attention import Attention
 from sat.models.layers import EncoderBlock, Mlp
 from sat.models.monarch import MonarchLinear

@@ -8,8 +8,8 @@ attention dropout: there SDPA falls back to its math path (probabilities, a floa
 probabilities, all stored) and dense_attention without statistics is faster and leaner (bench/train_step.py
 measures both).
 Sparse phase: sat.kernels.block_sparse_attention over the frozen layout.
-Attention dropout applies in the dense phase only (the block-sparse kernels have none). Model dropout on a
-CPU uses the one-byte masks of sat.kernels.dense (see there).
+Attention dropout applies in the dense phase only (the block-sparse kernels have none). Model dropout is
+sat/models/dropout.py.
 """
 
 from __future__ import annotations
@@ -22,49 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sat.kernels import block_sparse_attention
-from sat.kernels.dense import dense_attention, keep_mask, keep_mask_scale
+from sat.kernels.dense import dense_attention
 from sat.sparsity.pattern import block_pool, pattern_loss, topk_layout
-
-# --- dropout with one-byte masks ------------------------------------------------------------------------------
-
-class _MaskedScale(torch.autograd.Function):
-    """x * keep * scale, saving only the one-byte mask."""
-
-    @staticmethod
-    def forward(ctx, x, keep, scale):
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return (x * keep).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return (grad * keep).mul_(ctx.scale), None, None
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout's function; on a CPU with the cheaper mask above (CUDA's fused kernel keeps a byte mask already)."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, True)
-    keep = keep_mask(tuple(x.shape), p, x.device).view(torch.uint8)  # uint8 products vectorise, bool ones not
-    return _MaskedScale.apply(x, keep, keep_mask_scale(p))
-
-
-class Dropout(nn.Module):
-    """nn.Dropout with `dropout` above: the same state dict (none) and semantics, a quarter of the memory."""
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
 
 # Unmonitored CPU training steps with attention dropout: "fused" (dense_attention without statistics) or "sdpa"
 # (scaled_dot_product_attention's math path); bench/train_step.py times both.

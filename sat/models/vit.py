@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 
 from sat.config import TaskConfig, image_tokens
-from sat.data.lra import Batch
-from sat.models.attention import Attention, Dropout
+from sat.data.batch import Batch
+from sat.models.attention import Attention
+from sat.models.dropout import Dropout
 from sat.models.layers import encoder_blocks
 
 
