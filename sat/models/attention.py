@@ -6,7 +6,7 @@ mixed-precision or float64 inputs, monitored steps keep the unfused explicit for
 use scaled_dot_product_attention, which materialises no probabilities, except when training on a CPU with
 attention dropout: there SDPA falls back to its math path (probabilities, a float dropout mask and the dropped
 probabilities, all stored) and dense_attention without statistics is faster and leaner (bench/train_step.py
-measures both).
+measures both; sat.kernels.runtime.RUNTIME.cpu_dropout_path chooses).
 Sparse phase: sat.kernels.block_sparse_attention over the frozen layout.
 Attention dropout applies in the dense phase only (the block-sparse kernels have none). Model dropout is
 sat/models/dropout.py.
@@ -23,11 +23,8 @@ import torch.nn.functional as F
 
 from sat.kernels import block_sparse_attention
 from sat.kernels.dense import dense_attention
+from sat.kernels.runtime import RUNTIME
 from sat.sparsity.pattern import block_pool, pattern_loss, topk_layout
-
-# Unmonitored CPU training steps with attention dropout: "fused" (dense_attention without statistics) or "sdpa"
-# (scaled_dot_product_attention's math path); bench/train_step.py times both.
-CPU_DROPOUT_PATH = "fused"
 
 
 @dataclass
@@ -101,7 +98,8 @@ class Attention(nn.Module):
             fused = q.dtype == torch.float32  # the fused function computes in fp32
             if collect and not fused:  # mixed precision (CUDA): low-precision matmuls, fp32 softmax; or float64
                 out, head_sum, pooled = self._explicit(q, k, v, key_padding_mask, dropout_p)
-            elif fused and (collect or (dropout_p > 0 and x.device.type == "cpu" and CPU_DROPOUT_PATH == "fused")):
+            elif fused and (collect or (dropout_p > 0 and x.device.type == "cpu"
+                                        and RUNTIME.cpu_dropout_path == "fused")):
                 out, head_sum, pooled = dense_attention(q, k, v, key_padding_mask, dropout_p, self.block_size,
                                                         collect)
             else:
