@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "--name", a.name, "--root", a.root, "--device", a.device, "--backend", a.backend]
                                    + (["--data_dir", a.data_dir] if a.data_dir else []))
     from sat import distributed
-    from sat.train import RunPaths, TrainingError, default_data_dir, prepare_data, train
+    from sat.data.loading import default_data_dir, prepare_data
+    from sat.runlog import RunPaths
+    from sat.train import TrainingError, train
 
     try:
         cfg = load_config(a.task, a.preset, overrides_from_args(a))

@@ -68,8 +68,9 @@ def child(phase: str, task: str, preset: str | None, batch: int, density: float 
     from sat.config import load_config
     from sat.data.batch import Batch
     from sat.kernels.runtime import RUNTIME
+    from sat.models.build import build_model
+    from sat.optim import make_optimizer
     from sat.sparsity.monitor import TransitionMonitor
-    from sat.train import build_model, make_optimizer
 
     torch.manual_seed(0)
     recompute = "sparse" if phase == "sparse-recompute" else "off"

@@ -144,7 +144,7 @@ def test_sparse_phase_recompute_gives_the_same_gradients():
     """model.recompute=sparse replays each block's forward in the backward, dropout masks included."""
     from sat.config import load_config
     from sat.data.batch import Batch
-    from sat.train import build_model
+    from sat.models.build import build_model
 
     results = []
     for recompute in ("off", "sparse"):
