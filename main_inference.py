@@ -6,12 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from sat.checkpoint import CheckpointError
-from sat.config import ConfigError, die
-from sat.data.format import DataError
+from sat.cli import evaluate_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,21 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--root", default=".")
     a = p.parse_args(argv)
-
-    from main_train import resolve_device
-    from sat.evaluate import evaluate_saved_run
-    from sat.runlog import RunPaths
-
-    try:
-        out = evaluate_saved_run(RunPaths.make(a.root, a.random, a.task, a.name), a.task, a.split, a.which,
-                                 a.data_dir, resolve_device(a.device), a.backend)
-    except (ConfigError, DataError, CheckpointError) as e:
-        die(str(e))
-    print(f"{a.split} accuracy {out['accuracy']:.4f} (top-5 {out['top5']:.4f}) on {out['examples']} examples "
-          f"({out['attention']} attention, checkpoint of step {out['checkpoint_step']}); mean batch latency "
-          f"{out['mean_batch_latency_ms']:.2f} ms; peak memory {out['peak_memory_mb']:.0f} MB")
-    print(json.dumps(out))
-    return 0
+    return evaluate_run(a.task, a.random, a.name, a.root, a.device, a.backend, split=a.split, which=a.which,
+                        data_dir=a.data_dir)
 
 
 if __name__ == "__main__":

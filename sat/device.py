@@ -1,4 +1,4 @@
-"""The device a run computes on: its mixed-precision type and its peak memory."""
+"""The device a run computes on: the choice behind --device, its mixed-precision type and its peak memory."""
 
 from __future__ import annotations
 
@@ -6,7 +6,16 @@ import resource
 
 import torch
 
-from sat.config import TaskConfig
+from sat.config import ConfigError, TaskConfig
+
+
+def resolve_device(name: str) -> str:
+    """--device: "auto" is cuda when a GPU is available, else cpu; a CUDA device without a GPU is bad input."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
+    return name
 
 
 def amp_dtype(cfg: TaskConfig, device: torch.device) -> torch.dtype | None:
