@@ -1,4 +1,4 @@
-"""The torch backend of block-sparse attention agrees with the dense reference (SPEC.md section 4)."""
+"""The torch backend of block-sparse attention agrees with the dense reference (docs/block-sparse.md)."""
 
 from __future__ import annotations
 
