@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from sat.checkpoint import CheckpointError
+from sat.cli import evaluate_run, exit_codes
 from sat.config import ConfigError, die, load_config
-from sat.data.format import DataError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,70 +83,34 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
     return o
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
-    return name
-
-
-def _lost_peer(e: BaseException) -> bool:
-    """A torch.distributed failure caused by a rank that is gone (its process died or its host left)."""
-    import torch.distributed as dist
-
-    from sat.distributed import env_world_size
-
-    text = str(e)
-    return env_world_size() > 1 and (
-        isinstance(e, getattr(dist, "DistError", ())) or "closed by peer" in text or "reset by peer" in text
-        or "remote worker" in text or "NCCL" in text)
-
-
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.mode == "eval":
-        import main_inference
-
-        return main_inference.main(["--mode", "eval", "--task", a.task, "--random", str(a.random),
-                                    "--name", a.name, "--root", a.root, "--device", a.device, "--backend", a.backend]
-                                   + (["--data_dir", a.data_dir] if a.data_dir else []))
+        return evaluate_run(a.task, a.random, a.name, a.root, a.device, a.backend, data_dir=a.data_dir)
     from sat import distributed
-    from sat.train import RunPaths, TrainingError, default_data_dir, prepare_data, train
+    from sat.data.loading import default_data_dir, prepare_data
+    from sat.device import resolve_device
+    from sat.runlog import RunPaths
+    from sat.train import train
 
     try:
-        cfg = load_config(a.task, a.preset, overrides_from_args(a))
-        device = resolve_device(a.device)
-        data_dir = Path(a.data_dir) if a.data_dir else default_data_dir(cfg, a.root)
-        if Path(a.root).exists() and not Path(a.root).is_dir():
-            die(f"--root {a.root} is not a folder; pass the folder that holds (or will hold) logs/ and "
-                f"checkpoints/")
-        paths = RunPaths.make(a.root, a.random, a.task, a.name)
-        if not a.resume and paths.last.exists():
-            die(f"a run named {a.name!r} already exists at {paths.last}; pass --resume to continue it or choose "
-                f"another --name")
-        info, device = distributed.init_from_env(device)  # under torchrun: join the group, one GPU per rank
-        if a.data_dir is None and info.is_main:
-            prepare_data(cfg, data_dir)
-        distributed.barrier()
-        train(cfg, paths, data_dir, device=device, backend=a.backend, seed=a.random, resume=a.resume,
-              progress=not a.no_progress, stop_at=a.stop_at)
-    except (ConfigError, DataError, CheckpointError) as e:
-        die(str(e))
-    except TrainingError as e:
-        die(str(e), code=1)
-    except OSError as e:  # disk full, no permission...: checkpoints are written atomically, the last stays
-        where = f" ({e.filename})" if e.filename else ""
-        die(f"{e.strerror or e}{where}; free disk space or fix permissions, then continue with --resume",
-            code=1)
-    except RuntimeError as e:  # under torchrun: a collective failed because another rank died
-        if not _lost_peer(e):
-            raise
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        die(f"rank {os.environ.get('RANK', '0')}: another rank stopped ({first}); the last checkpoint is kept: "
-            f"start every rank again with --resume", code=1)
+        with exit_codes(training=True):
+            cfg = load_config(a.task, a.preset, overrides_from_args(a))
+            device = resolve_device(a.device)
+            data_dir = Path(a.data_dir) if a.data_dir else default_data_dir(cfg, a.root)
+            if Path(a.root).exists() and not Path(a.root).is_dir():
+                die(f"--root {a.root} is not a folder; pass the folder that holds (or will hold) logs/ and "
+                    f"checkpoints/")
+            paths = RunPaths.make(a.root, a.random, a.task, a.name)
+            if not a.resume and paths.last.exists():
+                die(f"a run named {a.name!r} already exists at {paths.last}; pass --resume to continue it or "
+                    f"choose another --name")
+            info, device = distributed.init_from_env(device)  # under torchrun: join the group, one GPU per rank
+            if a.data_dir is None and info.is_main:
+                prepare_data(cfg, data_dir)
+            distributed.barrier()
+            train(cfg, paths, data_dir, device=device, backend=a.backend, seed=a.random, resume=a.resume,
+                  progress=not a.no_progress, stop_at=a.stop_at)
     finally:
         distributed.shutdown()
     return 0

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sat.kernels import blocksparse_torch  # noqa: E402
 from sat.kernels.blocksparse_torch import torch_block_sparse_attention  # noqa: E402
+from sat.kernels.runtime import RUNTIME  # noqa: E402
 
 COLUMNS = ("N", "density", "max row", "pass", "dense ms", "flex ms", "ours ms", "dense/ours", "flex/ours")
 
@@ -114,7 +114,6 @@ def compiled_flex():
 
 def run(args: argparse.Namespace) -> list[tuple]:
     """Time every configuration; returns the table rows and prints them as they come."""
-    blocksparse_torch.THREADING = args.threading
     flex_fn, create_block_mask, why_no_flex = (None, None, "--no-flex") if args.no_flex else compiled_flex()
     if why_no_flex:
         print(f"note: FlexAttention column n/a: {why_no_flex}")
@@ -174,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.threading}), fp32, B={args.batch}, H={args.heads}, D={args.head_dim}, block {args.block}, "
               f"median of {args.reps}, torch {torch.__version__}")
     print(f"# {header}")
-    rows = run(args)
+    with RUNTIME.override(threading=args.threading):
+        rows = run(args)
     if args.out is not None:
         command = "python bench/attention_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
         lines = [f"{header}; `{command.strip()}`.", "", "| " + " | ".join(COLUMNS) + " |",

@@ -42,7 +42,7 @@ def main() -> None:
     root = Path(a.root or tempfile.mkdtemp(prefix="sat-parity-"))
     sys.path.insert(0, str(ROOT))
     from sat.config import load_config
-    from sat.train import prepare_data
+    from sat.data.loading import prepare_data
 
     prepare_data(load_config("lra-listops", "quick"), root / "data")  # the same data for every run
     results: dict[str, list[dict]] = {"dense-only": [], "auto-switch": []}

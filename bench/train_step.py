@@ -65,12 +65,12 @@ def child(phase: str, task: str, preset: str | None, batch: int, density: float 
     import torch
     import torch.nn.functional as F
 
-    import sat.models.attention as attention
     from sat.config import load_config
-    from sat.data.lra import Batch
-    from sat.kernels import blocksparse_torch
+    from sat.data.batch import Batch
+    from sat.kernels.runtime import RUNTIME
+    from sat.models.build import build_model
+    from sat.optim import make_optimizer
     from sat.sparsity.monitor import TransitionMonitor
-    from sat.train import build_model, make_optimizer
 
     torch.manual_seed(0)
     recompute = "sparse" if phase == "sparse-recompute" else "off"
@@ -84,8 +84,9 @@ def child(phase: str, task: str, preset: str | None, batch: int, density: float 
         for layer in model.attention_layers():
             layer.sparsify(density)
     monitored = phase == "dense-monitored"
-    if phase == "dense-sdpa":
-        attention.CPU_DROPOUT_PATH = "sdpa"
+    # The profiler does not see allocations on Python worker threads: live memory is measured on PyTorch's threads.
+    choices = {"cpu_dropout_path": "sdpa" if phase == "dense-sdpa" else "fused",
+               "threading": "team" if live_only else "auto"}
     monitor = TransitionMonitor(cfg.sparsity.sk, cfg.sparsity.ds, cfg.model.num_layers)
 
     def step(collect: bool = monitored):
@@ -102,8 +103,21 @@ def child(phase: str, task: str, preset: str | None, batch: int, density: float 
         if collect:
             monitor.update(maps)  # what the scheduler runs on a monitored step: skewness, distance, drift
 
-    if live_only:  # in a process of its own: the profiler's records would count in the resident memory
-        blocksparse_torch.THREADING = "team"  # the profiler does not see allocations on Python worker threads
+    with RUNTIME.override(**choices):
+        result = measure(step, monitored, live_only, steps)
+    if live_only:
+        return result
+    m = cfg.model
+    shapes = (f"{task}{' --preset ' + preset if preset else ''} shapes: {m.num_layers} layers, dim {m.dim}, "
+              f"N={n}, batch {batch}, block {cfg.sparsity.block_size}, density {density}")
+    return {"phase": phase, "shapes": shapes, **result, "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def measure(step, monitored: bool, live_only: bool, steps: int) -> dict:
+    """Live peak (`live_only`, in a process of its own: the profiler's records would count in the resident memory)
+    or the median step time, the resident peak above idle and the monitor's share of a monitored step."""
+    if live_only:
         return {"live_peak_mb": live_peak_mb(step)}  # from idle over two steps: workspaces etc. included
 
     def timed(collect: bool) -> float:
@@ -120,11 +134,7 @@ def child(phase: str, task: str, preset: str | None, batch: int, density: float 
         pairs = [(timed(False), timed(True)) for _ in range(steps)]
         plain, with_monitor = (statistics.median(x) for x in zip(*pairs, strict=True))
         share = (with_monitor - plain) / with_monitor
-    m = cfg.model
-    shapes = (f"{task}{' --preset ' + preset if preset else ''} shapes: {m.num_layers} layers, dim {m.dim}, "
-              f"N={n}, batch {batch}, block {cfg.sparsity.block_size}, density {density}")
-    return {"phase": phase, "shapes": shapes, "step_s": statistics.median(times), "peak_mb_above_idle": rss,
-            "monitor_share": share, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {"step_s": statistics.median(times), "peak_mb_above_idle": rss, "monitor_share": share}
 
 
 def main() -> None:

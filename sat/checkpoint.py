@@ -19,7 +19,7 @@ from sat.fileio import atomic_write
 
 FORMAT_VERSION = 1
 
-# Keys every SAT checkpoint holds (sat/train.py `_state`) and the types the readers rely on.
+# Keys every SAT checkpoint holds (sat/train.py `_checkpoint`) and the types the readers rely on.
 REQUIRED = {"task": str, "config": dict, "step": int, "model": dict, "scheduler": dict, "vocab_size": int,
             "data_dir": str, "optimizer": dict, "train_loader": dict, "rng": dict, "timing": dict,
             "best_dev_accuracy": float}

@@ -118,6 +118,11 @@ def tasks() -> list[str]:
     return sorted(_load_root_config()[0])
 
 
+def presets() -> dict:
+    """config.py's PRESETS: preset name -> {task: partial config dict}."""
+    return _load_root_config()[1]
+
+
 def _suggest(name: str, options) -> str:
     close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -43,10 +43,9 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 
-import sat.kernels.dense as dense_module  # noqa: E402
-import sat.models.attention as attention_module  # noqa: E402
 from sat.kernels.dense import dense_attention, keep_mask, keep_mask_scale  # noqa: E402
-from sat.models.attention import Dropout  # noqa: E402
+from sat.kernels.runtime import RUNTIME  # noqa: E402
+from sat.models.dropout import Dropout  # noqa: E402
 from sat.sparsity.pattern import block_pool  # noqa: E402
 
 
@@ -62,14 +61,13 @@ def explicit_attention(q, k, v, mask, keep=None, scale=1.0):
 
 @pytest.mark.parametrize("p_drop", [0.0, 0.3])
 @pytest.mark.parametrize("chunk_elements", [1 << 21, 4096])  # one chunk; one batch element per chunk
-def test_fused_dense_attention_matches_explicit_form(p_drop, chunk_elements, monkeypatch):
-    monkeypatch.setattr(dense_module, "_CHUNK_ELEMENTS", chunk_elements)
+def test_fused_dense_attention_matches_explicit_form(p_drop, chunk_elements):
     torch.manual_seed(0)
     B, H, N, D, bs = 3, 2, 32, 8, 8
     q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64).float().requires_grad_() for _ in range(3))
     mask = torch.arange(N) < torch.tensor([[N], [11], [0]])  # full, padded, every key padded
     torch.manual_seed(5)
-    out, head_sum, pooled = dense_attention(q, k, v, mask, p_drop, bs, collect=True)
+    out, head_sum, pooled = dense_attention(q, k, v, mask, p_drop, bs, collect=True, chunk_elements=chunk_elements)
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     keep = None
@@ -136,19 +134,17 @@ def test_monitored_and_unmonitored_training_steps_draw_the_same_dropout():
     torch.manual_seed(1)
     plain = attn(x, mask)
     torch.testing.assert_close(monitored, plain, atol=0, rtol=0)
-    attention_module.CPU_DROPOUT_PATH = "sdpa"
-    try:  # SDPA's own dropout: a different draw, the same distribution of outputs
+    with RUNTIME.override(cpu_dropout_path="sdpa"):  # SDPA's own dropout: a different draw, same distribution
         sdpa = attn(x, mask)
-    finally:
-        attention_module.CPU_DROPOUT_PATH = "fused"
+    assert RUNTIME.cpu_dropout_path == "fused"
     assert sdpa.shape == plain.shape and not torch.equal(sdpa, plain)
 
 
 def test_sparse_phase_recompute_gives_the_same_gradients():
     """model.recompute=sparse replays each block's forward in the backward, dropout masks included."""
     from sat.config import load_config
-    from sat.data.lra import Batch
-    from sat.train import build_model
+    from sat.data.batch import Batch
+    from sat.models.build import build_model
 
     results = []
     for recompute in ("off", "sparse"):

@@ -28,8 +28,8 @@ CUDA = torch.device("cuda")
 def triton_installed(monkeypatch):
     """Dispatch as on a machine with Triton installed (the decision must not depend on this one's)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(ts, "_triton_installed", lambda: True)
-    ts._logged.clear()
+    monkeypatch.setattr(ts, "triton_installed", lambda: True)
+    ts.forget_logged()
 
 
 def _auto(caplog, *args, **kwargs) -> tuple[str, list[str]]:
@@ -88,7 +88,7 @@ def test_cpu_and_missing_triton(triton_installed, caplog, monkeypatch):
         check_backend("triton", torch.float32, 32, 32, 4, "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs CPU tensors
     assert check_backend("triton", torch.float32, 32, 32, 4, "cpu") == "triton"
-    monkeypatch.setattr(ts, "_triton_installed", lambda: False)
+    monkeypatch.setattr(ts, "triton_installed", lambda: False)
     choice, logged = _auto(caplog, torch.bfloat16, 32, 32, 4, CUDA)
     assert choice == "torch" and len(logged) == 1 and "Triton is not installed" in logged[0]
     with pytest.raises(ValueError, match="Triton is not installed"):

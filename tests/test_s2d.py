@@ -5,10 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from sat.config import load_config
-from sat.data.lra import Batch
+from sat.data.batch import Batch
+from sat.models.build import build_model
 from sat.models.monarch import MonarchLinear
+from sat.optim import make_optimizer
 from sat.sparsity.scheduler import TransitionScheduler
-from sat.train import build_model, make_optimizer
 
 
 def small_cfg(**sparsity):

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="compiles the real kernels; the interpreter replaces them")
 triton = pytest.importorskip("triton")
 
-from sat.kernels.triton_compile import Binary, _ptxas_report, compile_launch, launch_key  # noqa: E402
+from sat.kernels.triton_compile import Binary, compile_launch, launch_key, ptxas_report  # noqa: E402
 from sat.kernels.warmup import Shape, fp32_precision, record_training_launches  # noqa: E402
 
 VIT_S = Shape("vit-s", 224, 6, 64, 32, 0.1)
@@ -93,9 +93,9 @@ def test_ptxas_report_parsing_and_problems():
     log = ("ptxas info    : Used 255 registers, used 1 barriers, 548 bytes cumulative stack size\n"
            "ptxas info    : Function properties for k\n    548 bytes stack frame, 548 bytes spill stores, "
            "520 bytes spill loads\n")
-    assert _ptxas_report(log) == (255, 548, 520)
+    assert ptxas_report(log) == (255, 548, 520)
     with pytest.raises(RuntimeError, match="no register report"):
-        _ptxas_report("ptxas fatal")
+        ptxas_report("ptxas fatal")
     b = Binary("k", 80, 4, 2, 200 * 1024, 255, 548, 520, "none", (), 0)
     assert len(b.problems()) == 2 and b.spills == 1068
     assert Binary("k", 90, 4, 2, 200 * 1024, 96, 0, 0, "wgmma", (), 0).problems() == []

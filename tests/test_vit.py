@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from sat.config import ConfigError, load_config
-from sat.data.lra import Batch
+from sat.data.batch import Batch
+from sat.data.loading import resolve_for_data
 from sat.models.attention import Attention
 from sat.models.layers import EncoderBlock, Mlp
 from sat.models.monarch import MonarchLinear
 from sat.models.vit import ViT
 from sat.sparsity.scheduler import TransitionScheduler
-from sat.train import resolve_for_data
 from tests.conftest import ROOT
 
 CLASSES = 4

@@ -19,8 +19,8 @@ import itertools
 
 from torch.utils.data import DistributedSampler, Sampler, Subset
 
+from sat.data.batch import Batch
 from sat.data.imagenet import EvalTransform, ImageFolderDataset, build_loader, eval_transform
-from sat.data.lra import Batch
 
 
 class _SkipSampler(Sampler):

@@ -1,4 +1,4 @@
-"""LRA batches: one batch type carrying one input (B, N) or two inputs (B, 2, N), and a resumable loader.
+"""LRA batches (`Batch`, sat/data/batch.py: one input (B, N) or two inputs (B, 2, N)) from a resumable loader.
 
 Processed splits (sat/data/format.py) are held in memory as int arrays (LRA's largest split, Retrieval,
 is ~0.5 GB as int16 ids; ListOps 96000 x 2048 int32 ~ 0.8 GB). Shuffling uses a torch.Generator whose
@@ -7,30 +7,11 @@ state, with the epoch and position, is part of the loader's state_dict so a resu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from sat.data.batch import Batch
 from sat.data.format import DataError, Split
-
-
-@dataclass
-class Batch:
-    """x: (B, N) or (B, 2, N) int64 ids; mask: same shape, bool (True = real token) or None; y: (B,) int64."""
-
-    x: torch.Tensor
-    mask: torch.Tensor | None
-    y: torch.Tensor
-
-    def to(self, device: torch.device | str) -> Batch:
-        nb = device != "cpu" and torch.device(device).type == "cuda"
-        return Batch(self.x.to(device, non_blocking=nb),
-                     None if self.mask is None else self.mask.to(device, non_blocking=nb),
-                     self.y.to(device, non_blocking=nb))
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
 
 
 def check_split(split: Split, seq_len: int, vocab_size: int, name: str) -> None:

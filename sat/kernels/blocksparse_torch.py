@@ -1,4 +1,4 @@
-"""Block-sparse attention in plain PyTorch: only the active blocks are computed (SPEC.md section 4).
+"""Block-sparse attention in plain PyTorch: only the active blocks are computed (docs/block-sparse.md).
 
 The query-block rows of the layout are grouped into buckets by their number `c` of active key blocks.
 Within a bucket every row has exactly `c` active blocks, so one batched matrix product computes all of its
@@ -7,30 +7,25 @@ indices), `S = Q K^T` is (rows, bs, c*bs), a fused softmax, `O = P V`. The backw
 probabilities P (memory proportional to the active blocks, like everything else here), so it needs four
 batched products per bucket: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)), dQ = dS K,
 dK = dS^T Q, with dK and dV scattered back by index_add. The bucket plan depends only on the layout, which
-changes rarely, so it is cached.
+changes rarely, so it is cached (sat/kernels/runtime.py holds the cache, the threads and the workspaces).
 
 On a CPU the work is a few hundred small operations, and there are two ways to use the threads (see
-_ThreadChoice): each operation on PyTorch's intra-op thread team, or the batch split over single-threaded
-workers, each running every bucket for its own range of (batch, head) pairs. The faster way is measured at
-run time; the results are identical. Workers take the buckets in pieces small enough to stay in cache;
-temporaries live in per-thread buffers kept between calls, and the softmax and its backward run in place.
+sat.kernels.runtime.ThreadChoice): each operation on PyTorch's intra-op thread team, or the batch split over
+single-threaded workers, each running every bucket for its own range of (batch, head) pairs. The faster way is
+measured at run time; the results are identical. Workers take the buckets in pieces small enough to stay in
+cache; temporaries live in per-thread buffers kept between calls, and the softmax and its backward run in place.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import statistics
-import threading
-import time
-from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from sat.kernels.dense import softmax_, softmax_backward_
+from sat.kernels.runtime import RUNTIME
 
 
 @dataclass
@@ -91,10 +86,6 @@ class _Plan:
         return self._flat[batch]
 
 
-_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
-_MAX_PLANS = 16
-
-
 def _make_plan(layout: torch.Tensor, device: torch.device) -> _Plan:
     heads, nb, _ = layout.shape
     rows_layout = layout.reshape(heads * nb, nb)  # (Hl*nb, nb): one row per (head, query block)
@@ -113,116 +104,7 @@ def _plan_for(layout: torch.Tensor, device: torch.device) -> _Plan:
     """Cached bucket plan of a boolean layout (the cache key is the layout's content)."""
     cpu_layout = layout.detach().to("cpu", torch.bool).contiguous()
     key = (tuple(cpu_layout.shape), cpu_layout.numpy().tobytes(), str(device))
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _make_plan(cpu_layout, device)
-        _PLANS[key] = plan
-        if len(_PLANS) > _MAX_PLANS:
-            _PLANS.popitem(last=False)
-    else:
-        _PLANS.move_to_end(key)
-    return plan
-
-
-class _ThreadChoice:
-    """How the CPU threads share one kind of call, chosen by timing live calls.
-
-    "team": every operation runs on PyTorch's intra-op threads, which fork and join each time; the best way
-    on an idle machine. "workers": the batch is split over single-threaded workers that join once; when
-    other processes hold cores a team stalls at each of its few hundred joins and this is several times
-    faster. The slower way is timed again now and then (less often the slower it was): the load changes.
-    """
-
-    def __init__(self):
-        self.times = {"team": deque(maxlen=3), "workers": deque(maxlen=3)}  # recent seconds per call
-        self.warm = set()  # the ways run once already: a first call pays for warm-up, so it is not timed
-        self.calls = 0
-        self.next_probe = 8
-
-    def choose(self) -> str:
-        self.calls += 1
-        for mode, times in self.times.items():
-            if not times:
-                return mode
-        best, other = sorted(self.times, key=lambda mode: statistics.median(self.times[mode]))
-        if self.calls < self.next_probe:
-            return best
-        ratio = statistics.median(self.times[other]) / statistics.median(self.times[best])
-        self.next_probe = self.calls + int(min(128.0, 8.0 * ratio))
-        return other
-
-    def record(self, mode: str, seconds: float) -> None:
-        if mode in self.warm:
-            self.times[mode].append(seconds)
-        self.warm.add(mode)
-
-
-_choices: dict[tuple, _ThreadChoice] = {}
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-THREADING = "auto"  # "auto", or force "team" / "workers" (tests, benchmarks)
-_PIECE_BLOCKS = 64  # active blocks per batched product: S is then 1 MiB at block 64, L2-resident
-# A team's pieces: larger (its cost is per operation) but bounded, so that its buffers stay small: 14 MiB at the
-# lra-image shapes, where whole buckets took 42 MiB and ran ~10% slower (measured).
-_TEAM_PIECE_BLOCKS = 512
-
-
-def _forget_pool() -> None:
-    global _pool, _pool_size
-    _pool, _pool_size = None, 0  # a forked child has none of the parent's threads
-
-
-os.register_at_fork(after_in_child=_forget_pool)
-
-
-def _single_threaded(fn, g0, g1):
-    torch.set_num_threads(1)  # a per-thread setting (mostly): this worker's operations run unthreaded
-    with torch.no_grad():  # grad mode is per thread too
-        fn(g0, g1, _PIECE_BLOCKS)
-
-
-def _run_workers(fn, ranges: list[tuple[int, int]]) -> None:
-    global _pool, _pool_size
-    if _pool_size < len(ranges):
-        _pool, _pool_size = ThreadPoolExecutor(len(ranges), thread_name_prefix="sat-attention"), len(ranges)
-    threads = torch.get_num_threads()
-    try:
-        for future in [_pool.submit(_single_threaded, fn, g0, g1) for g0, g1 in ranges]:
-            future.result()
-    finally:
-        torch.set_num_threads(threads)  # set_num_threads in a worker also resets the default of new threads
-
-
-def _run(fn, batch: int, device: torch.device, kind: tuple) -> None:
-    """fn(g0, g1, max_blocks) over [0, batch): in one call off the CPU or with one thread, else as
-    _ThreadChoice says. A team takes pieces of up to _TEAM_PIECE_BLOCKS blocks, a worker cache-sized pieces."""
-    threads = torch.get_num_threads() if device.type == "cpu" else 1
-    parts = min(batch, threads)
-    if parts == 1:
-        fn(0, batch, _PIECE_BLOCKS if threads == 1 else _TEAM_PIECE_BLOCKS)
-        return
-    choice = _choices.setdefault(kind, _ThreadChoice())
-    mode = choice.choose() if THREADING == "auto" else THREADING
-    start = time.perf_counter()
-    if mode == "team":
-        fn(0, batch, _TEAM_PIECE_BLOCKS)
-    else:
-        bounds = [batch * i // parts for i in range(parts + 1)]
-        _run_workers(fn, list(zip(bounds[:-1], bounds[1:], strict=True)))
-    choice.record(mode, time.perf_counter() - start)
-
-
-_local = threading.local()
-
-
-def _workspace(slot: str, numel: int, like: torch.Tensor) -> torch.Tensor:
-    """This thread's buffer `slot` with at least numel elements, kept between calls: fresh CPU memory costs a
-    page fault per 4 KiB on first touch, which is a sizeable part of the whole computation here."""
-    buffers = _local.__dict__.setdefault("buffers", {})
-    key = (slot, like.device, like.dtype)
-    if key not in buffers or buffers[key].numel() < numel:
-        buffers[key] = like.new_empty(numel)
-    return buffers[key][:numel]
+    return RUNTIME.plan(key, lambda: _make_plan(cpu_layout, device))
 
 
 def _padding_keep(key_padding_mask, bucket, heads_per_layout):
@@ -269,8 +151,9 @@ def _forward(q, k, v, plan, block_size, key_padding_mask, keep_probs):
         if plan.has_empty_rows:
             out.view(G, -1)[g0:g1].zero_()
         piece_blocks = plan.piece_blocks(g0, g1, max_blocks)
-        qb_buf, ob_buf, kg_buf, vg_buf = (_workspace(x, piece_blocks * bs * D, qf) for x in ("q", "o", "k", "v"))
-        s_buf = None if keep_probs else _workspace("s", piece_blocks * bs * bs, qf)
+        qb_buf, ob_buf, kg_buf, vg_buf = (RUNTIME.workspace(x, piece_blocks * bs * D, qf)
+                                          for x in ("q", "o", "k", "v"))
+        s_buf = None if keep_probs else RUNTIME.workspace("s", piece_blocks * bs * bs, qf)
         for i, a, b in plan.pieces(g0, g1, max_blocks):
             bucket, (iq, ik), keep = plan.buckets[i], index[i], keeps[i]
             n, L = b - a, bucket.count * bs  # n query blocks, each seeing L keys
@@ -288,7 +171,7 @@ def _forward(q, k, v, plan, block_size, key_padding_mask, keep_probs):
             vg = _gather(vf, ik, vg_buf, n, L)
             out.index_copy_(0, iq, torch.bmm(p, vg, out=ob_buf[:n * bs * D].view(n, bs, D)))
 
-    _run(part, G, q.device, ("forward", G, plan.active_blocks, bs, D, key_padding_mask is not None))
+    RUNTIME.run(part, G, q.device, ("forward", G, plan.active_blocks, bs, D, key_padding_mask is not None))
     return out.view(B, H, N, D).to(q.dtype), (qf, kf, vf, probs)
 
 
@@ -318,8 +201,8 @@ class _BlockSparseAttention(torch.autograd.Function):
                 grad.view(G, -1)[g0:g1].zero_()  # this range of g owns these rows
             piece_blocks = plan.piece_blocks(g0, g1, max_blocks)
             qb_buf, dob_buf, dqb_buf, kg_buf, vg_buf, dkv_buf = (
-                _workspace(x, piece_blocks * bs * D, dof) for x in ("q", "o", "dq", "k", "v", "dkv"))
-            dp_buf = _workspace("s", piece_blocks * bs * bs, dof)
+                RUNTIME.workspace(x, piece_blocks * bs * D, dof) for x in ("q", "o", "dq", "k", "v", "dkv"))
+            dp_buf = RUNTIME.workspace("s", piece_blocks * bs * bs, dof)
             for i, a, b in plan.pieces(g0, g1, max_blocks):
                 n, L = b - a, plan.buckets[i].count * bs  # n query blocks, each seeing L keys
                 iq, ik = index[i][0][a:b], index[i][1][a * plan.buckets[i].count:b * plan.buckets[i].count]
@@ -338,7 +221,7 @@ class _BlockSparseAttention(torch.autograd.Function):
                 torch.baddbmm(dkg, ds.transpose(1, 2), qb, beta=0.0, alpha=scale, out=dkg)
                 dk.index_add_(0, ik, dkg.view(-1, bs, D))
 
-        _run(part, G, dout.device, ("backward", G, plan.active_blocks, bs, D))
+        RUNTIME.run(part, G, dout.device, ("backward", G, plan.active_blocks, bs, D))
         return (dq.view(B, H, N, D).to(dout.dtype), dk.view(B, H, N, D).to(dout.dtype),
                 dv.view(B, H, N, D).to(dout.dtype), None, None, None)
 

@@ -1,5 +1,6 @@
-"""Dense attention for the dense phase (SPEC.md section 4 without a layout), fused with the statistics the
-monitor and the pattern need (SPEC.md sections 2-3), and the one-byte dropout masks it and the models use.
+"""Dense attention for the dense phase (docs/block-sparse.md without a layout), fused with the statistics the
+monitor and the pattern need (docs/switch.md, docs/layouts.md), and the one-byte dropout masks it and the
+models (sat/models/dropout.py) use.
 
 `dense_attention` computes softmax(q k^T / sqrt(d)) once per batch chunk and takes from the same
 probabilities the output, the batch-summed map for the monitor and the block-pooled map for the pattern; it
@@ -66,11 +67,11 @@ def softmax_backward_(dp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 # --- fused dense attention ------------------------------------------------------------------------------------
 
-_CHUNK_ELEMENTS = 1 << 21  # score entries per batch chunk (8 MiB fp32): the temporaries stay cache-sized
+CHUNK_ELEMENTS = 1 << 21  # default score entries per batch chunk (8 MiB fp32): the temporaries stay cache-sized
 
 
 class _DenseAttention(torch.autograd.Function):
-    """out = dropout(softmax(q k^T / sqrt(d) + padding bias)) v over batch chunks (SPEC.md section 4, dense).
+    """out = dropout(softmax(q k^T / sqrt(d) + padding bias)) v over batch chunks (dense).
 
     Saves the fp32 probabilities P and the one-byte dropout mask M; the backward rebuilds P * M in a chunk buffer.
     The dropout scale c is folded into v: (P * M * c) v = (P * M)(c v), so no N x N pass applies it.
@@ -79,7 +80,7 @@ class _DenseAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, p, block_size, collect):
+    def forward(ctx, q, k, v, key_padding_mask, p, block_size, collect, chunk_elements):
         B, H, N, D = q.shape
         nb = N // block_size
         qs = (q.float() * (1.0 / math.sqrt(D))).reshape(B * H, N, D)  # (B*H, N, D) contiguous
@@ -97,7 +98,7 @@ class _DenseAttention(torch.autograd.Function):
         pooled = qs.new_empty(B, H, nb, nb) if collect else qs.new_empty(0)
         # (B,) on the host, one device sync for the whole call: batch elements whose every key is padded
         dead = None if key_padding_mask is None else (~key_padding_mask.any(-1)).cpu()
-        chunk = max(1, _CHUNK_ELEMENTS // (H * N * N))  # batch elements per chunk
+        chunk = max(1, chunk_elements // (H * N * N))  # batch elements per chunk
         buf = qs.new_empty(min(chunk, B) * H, N, N) if keep is not None else None
         for b0 in range(0, B, chunk):
             b1 = min(B, b0 + chunk)
@@ -147,14 +148,16 @@ class _DenseAttention(torch.autograd.Function):
             dv.mul_(ctx.keep_scale)
         B, H = R // ctx.heads, ctx.heads
         shape, dtype = (B, H, N, D), dout.dtype
-        return dq.view(shape).to(dtype), dk.view(shape).to(dtype), dv.view(shape).to(dtype), None, None, None, None
+        return (dq.view(shape).to(dtype), dk.view(shape).to(dtype), dv.view(shape).to(dtype),
+                None, None, None, None, None)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                    dropout_p: float, block_size: int, collect: bool):
+                    dropout_p: float, block_size: int, collect: bool, chunk_elements: int = CHUNK_ELEMENTS):
     """(out (B, H, N, D), batch-summed probabilities (H, N, N) or empty, block means (B, H, nb, nb) or empty).
 
-    The probabilities are those before dropout. key_padding_mask: (B, N) bool, True = keep.
+    The probabilities are those before dropout. key_padding_mask: (B, N) bool, True = keep. The batch is
+    computed in chunks of about `chunk_elements` score entries (at least one batch element).
     """
     kpm = None if key_padding_mask is None else key_padding_mask.to(device=q.device, dtype=torch.bool)
-    return _DenseAttention.apply(q, k, v, kpm, dropout_p, block_size, collect)
+    return _DenseAttention.apply(q, k, v, kpm, dropout_p, block_size, collect, chunk_elements)

@@ -91,7 +91,7 @@ def _compiling_for(arch: int, kernels: list) -> Iterator[None]:
         driver._active = previous
 
 
-def _ptxas_report(log: str) -> tuple[int, int, int]:
+def ptxas_report(log: str) -> tuple[int, int, int]:
     """(registers, spill store bytes, spill load bytes) from `ptxas -v` output of one kernel."""
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
@@ -111,7 +111,7 @@ def compile_launch(launch: Launch, arch: int) -> Binary:
     log = io.StringIO()
     with _compiling_for(arch, [kernel]), contextlib.redirect_stdout(log):
         compiled = kernel.run(*launch.args, grid=launch.grid, warmup=True, **launch.options)
-    registers, stores, loads = _ptxas_report(log.getvalue())
+    registers, stores, loads = ptxas_report(log.getvalue())
     names = kernel.arg_names
     constants = tuple(names[path[0]] for path in compiled.src.constants
                       if names[path[0]] not in launch.options)

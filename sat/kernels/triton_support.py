@@ -72,17 +72,22 @@ def triton_device_problem(device: torch.device | str) -> str:
         return ""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"device {device.type} is not a CUDA GPU"
-    if not _triton_installed():
+    if not triton_installed():
         return "Triton is not installed"
     return ""
 
 
 @functools.lru_cache(maxsize=1)
-def _triton_installed() -> bool:
+def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None  # looked up once: dispatch runs on every call
 
 
 _logged: set[str] = set()
+
+
+def forget_logged() -> None:
+    """Let every fallback reason be logged again (each is logged once per process)."""
+    _logged.clear()
 
 
 def _log_once(message: str) -> None:

@@ -71,13 +71,13 @@ BUILTIN_SHAPES = (
 
 def _task_configs() -> list[tuple[str, object]]:
     """(name, TaskConfig) of every task, alone and under every preset that names it."""
-    from sat.config import _load_root_config, load_config, tasks
+    from sat.config import load_config, presets, tasks
 
-    presets = _load_root_config()[1]
+    named_presets = presets()
     out = []
     for task in tasks():
         out.append((task, load_config(task)))
-        for preset in sorted(p for p, v in presets.items() if task in v):
+        for preset in sorted(p for p, v in named_presets.items() if task in v):
             out.append((f"{task} --preset {preset}", load_config(task, preset)))
     return out
 

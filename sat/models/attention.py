@@ -6,10 +6,10 @@ mixed-precision or float64 inputs, monitored steps keep the unfused explicit for
 use scaled_dot_product_attention, which materialises no probabilities, except when training on a CPU with
 attention dropout: there SDPA falls back to its math path (probabilities, a float dropout mask and the dropped
 probabilities, all stored) and dense_attention without statistics is faster and leaner (bench/train_step.py
-measures both).
+measures both; sat.kernels.runtime.RUNTIME.cpu_dropout_path chooses).
 Sparse phase: sat.kernels.block_sparse_attention over the frozen layout.
-Attention dropout applies in the dense phase only (the block-sparse kernels have none). Model dropout on a
-CPU uses the one-byte masks of sat.kernels.dense (see there).
+Attention dropout applies in the dense phase only (the block-sparse kernels have none). Model dropout is
+sat/models/dropout.py.
 """
 
 from __future__ import annotations
@@ -22,53 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sat.kernels import block_sparse_attention
-from sat.kernels.dense import dense_attention, keep_mask, keep_mask_scale
+from sat.kernels.dense import dense_attention
+from sat.kernels.runtime import RUNTIME
 from sat.sparsity.pattern import block_pool, pattern_loss, topk_layout
-
-# --- dropout with one-byte masks ------------------------------------------------------------------------------
-
-class _MaskedScale(torch.autograd.Function):
-    """x * keep * scale, saving only the one-byte mask."""
-
-    @staticmethod
-    def forward(ctx, x, keep, scale):
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return (x * keep).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return (grad * keep).mul_(ctx.scale), None, None
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout's function; on a CPU with the cheaper mask above (CUDA's fused kernel keeps a byte mask already)."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, True)
-    keep = keep_mask(tuple(x.shape), p, x.device).view(torch.uint8)  # uint8 products vectorise, bool ones not
-    return _MaskedScale.apply(x, keep, keep_mask_scale(p))
-
-
-class Dropout(nn.Module):
-    """nn.Dropout with `dropout` above: the same state dict (none) and semantics, a quarter of the memory."""
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-# Unmonitored CPU training steps with attention dropout: "fused" (dense_attention without statistics) or "sdpa"
-# (scaled_dot_product_attention's math path); bench/train_step.py times both.
-CPU_DROPOUT_PATH = "fused"
 
 
 @dataclass
@@ -142,7 +98,8 @@ class Attention(nn.Module):
             fused = q.dtype == torch.float32  # the fused function computes in fp32
             if collect and not fused:  # mixed precision (CUDA): low-precision matmuls, fp32 softmax; or float64
                 out, head_sum, pooled = self._explicit(q, k, v, key_padding_mask, dropout_p)
-            elif fused and (collect or (dropout_p > 0 and x.device.type == "cpu" and CPU_DROPOUT_PATH == "fused")):
+            elif fused and (collect or (dropout_p > 0 and x.device.type == "cpu"
+                                        and RUNTIME.cpu_dropout_path == "fused")):
                 out, head_sum, pooled = dense_attention(q, k, v, key_padding_mask, dropout_p, self.block_size,
                                                         collect)
             else:

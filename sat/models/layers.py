@@ -7,7 +7,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from sat.config import TaskConfig
-from sat.models.attention import Attention, Dropout
+from sat.models.attention import Attention
+from sat.models.dropout import Dropout
 
 
 def make_linear(in_features: int, out_features: int, kind: str, nblocks: int) -> nn.Module:

@@ -1,4 +1,4 @@
-"""The LRA encoder (SPEC.md section 6): embeddings + learned positions, pre-LN blocks, final LN times the
+"""The LRA encoder (SAT's LRA model): embeddings + learned positions, pre-LN blocks, final LN times the
 padding mask, mean pooling, a two-layer head. Two-input tasks (retrieval) run both inputs through the same
 encoder as one stacked batch and classify [x0, x1, x0*x1, x0-x1].
 """
@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 
 from sat.config import TaskConfig
-from sat.data.lra import Batch
-from sat.models.attention import Attention, Dropout
+from sat.data.batch import Batch
+from sat.models.attention import Attention
+from sat.models.dropout import Dropout
 from sat.models.layers import encoder_blocks
 
 

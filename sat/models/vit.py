@@ -2,7 +2,7 @@
 
 Image (B, 3, H, W) -> non-overlapping patches (a Conv2d of kernel = stride = patch) -> (B, P, C); a class
 token in front and learned positions give T = 1 + P real tokens, zero-padded up to N = dataset.max_seq_len (a
-multiple of the attention block size, SPEC.md section 4) with the pad tokens masked as keys. Pre-LN blocks
+multiple of the attention block size, docs/block-sparse.md) with the pad tokens masked as keys. Pre-LN blocks
 (dense or Monarch MLPs), final LayerNorm, a linear head on the class token ("cls") or on the mean of the real
 tokens ("mean").
 """
@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 
 from sat.config import TaskConfig, image_tokens
-from sat.data.lra import Batch
-from sat.models.attention import Attention, Dropout
+from sat.data.batch import Batch
+from sat.models.attention import Attention
+from sat.models.dropout import Dropout
 from sat.models.layers import encoder_blocks
 
 

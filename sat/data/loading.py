@@ -1,0 +1,193 @@
+"""One interface to a task's data, for both task families: LRA tasks (processed .npz splits, sat/data/format.py)
+and image folders (dataset.kind "image_folder": {data_dir}/train and {data_dir}/val class folders).
+
+    data = load_task_data(cfg, data_dir)             # validated splits and the vocabulary size
+    batches = data.train_stream(seed, rank, world)   # endless training batches of this rank, resumable
+    for batch in data.eval_batches("dev"): ...       # one ordered pass over a split
+
+Every batch is a `Batch` (sat/data/batch.py). Also here: `prepare_data` (generated ListOps for presets that ask
+for it), `resolve_for_data` (what the config leaves to the data) and `make_mixer` (Mixup/CutMix).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sat.config import ConfigError, TaskConfig, validate
+from sat.data import listops
+from sat.data.batch import Batch
+from sat.data.format import DataError, Split, load_meta, load_split
+from sat.data.lra import LRALoader, check_split
+
+
+def default_data_dir(cfg: TaskConfig, root: str | Path = ".") -> Path:
+    """data/{task} under `root`, or data/{task}-generated for generated data."""
+    suffix = "-generated" if cfg.dataset.generate else ""
+    return Path(root) / "data" / f"{cfg.task}{suffix}"
+
+
+def prepare_data(cfg: TaskConfig, data_dir: Path) -> None:
+    """Generate and preprocess ListOps when the config asks for generated data and none exists yet."""
+    gen = cfg.dataset.generate
+    meta = data_dir / f"{cfg.task}.meta.json"
+    if not gen or meta.is_file() and listops.is_current(load_meta(data_dir, cfg.task)):
+        return  # generated data of an older token convention is simply generated again
+    raw = data_dir / "raw"
+    print(f"generating ListOps into {raw} (n_train={gen.get('n_train')}, {gen.get('min_len')} < length < "
+          f"{gen.get('max_len')}) ...", flush=True)
+    try:
+        listops.generate_listops(raw, force=True, **gen)
+    except ValueError as e:  # e.g. a length range the generator keeps missing
+        raise ConfigError(f"dataset.generate: {e}; widen min_len..max_len") from e
+    listops.preprocess_listops(raw, data_dir, max_len=cfg.dataset.max_seq_len, force=True)
+
+
+@dataclass
+class TaskData:
+    """A task's validated splits and how batches come out of them, whatever the task family."""
+
+    cfg: TaskConfig
+    splits: dict[str, Any]  # "train" (unless loaded without it), "dev", "test": LRA Splits or ImageFolderDatasets
+    vocab_size: int          # 0 for image folders
+
+    @property
+    def image_folders(self) -> bool:
+        return self.cfg.dataset.kind == "image_folder"
+
+    def found_classes(self) -> int:
+        """The number of class folders of the train split (image folders; 0 for LRA data)."""
+        return len(getattr(self.splits["train"], "classes", ()))
+
+    def labels(self, split: str):
+        """Class ids of a split: LRA `Split.y` or an image folder's `targets`."""
+        s = self.splits[split]
+        return s.targets if hasattr(s, "targets") else s.y
+
+    def train_stream(self, seed: int, rank: int = 0, world: int = 1):
+        """Endless training batches of this rank (`batch_size` each) with state_dict/load_state_dict."""
+        bs = self.cfg.training.batch_size
+        split = self.splits["train"]
+        if self.image_folders:
+            from sat.data.image_stream import ImageTrainStream
+
+            return ImageTrainStream(split, bs, self.cfg.dataset.num_workers, seed, rank, world)
+        loader = LRALoader(split, bs * world, self.cfg.dataset.max_seq_len, shuffle=True, seed=seed, repeat=True,
+                           drop_last=len(split) >= bs * world)
+        return _RankSlices(loader, rank, world) if world > 1 else loader
+
+    def eval_batches(self, split: str, rank: int = 0, world: int = 1):
+        """One ordered pass over a split; with world > 1 only this rank's share."""
+        s, d = self.splits[split], self.cfg.dataset
+        if self.image_folders:
+            from sat.data.image_stream import eval_batches
+
+            return eval_batches(s, self.cfg.training.batch_size, d.img_size, d.crop_pct, d.num_workers, rank,
+                                world)
+        if world > 1:
+            s = Split(s.x[rank::world], s.lengths[rank::world], s.y[rank::world])
+        return LRALoader(s, self.cfg.training.batch_size, d.max_seq_len, shuffle=False)
+
+
+def load_task_data(cfg: TaskConfig, data_dir: Path, need_train: bool = True) -> TaskData:
+    """Validated splits {train, dev, test} and the vocabulary size (0 for image folders). Image folders
+    without `need_train` skip listing the (large) train split and give {dev, test} only."""
+    if not data_dir.is_dir():
+        raise DataError(f"data directory {data_dir} does not exist; preprocess the data (see README) or pass "
+                        f"--data_dir")
+    if cfg.dataset.kind == "image_folder":
+        return TaskData(cfg, _image_folder_splits(cfg, data_dir, need_train), 0)
+    meta = load_meta(data_dir, cfg.task)
+    if cfg.task == listops.TASK:
+        listops.check_processed_meta(meta, data_dir)
+    vocab = cfg.dataset.vocab_size or int(meta.get("vocab_size", 0))
+    if vocab <= 0:
+        raise DataError(f"{data_dir}: meta.json has no vocab_size; re-run the preprocess script")
+    splits = {}
+    for split in ("train", "dev", "test"):
+        s = load_split(data_dir, cfg.task, split, cfg.dataset.num_classes)
+        want = 3 if cfg.dataset.two_inputs else 2
+        if s.x.ndim != want:
+            raise DataError(f"{data_dir}: {split} has {s.x.ndim - 1}-input shape {s.x.shape} but task {cfg.task} "
+                            f"expects {want - 1} input(s)")
+        check_split(s, cfg.dataset.max_seq_len, vocab, f"{cfg.task}.{split}")
+        splits[split] = s
+    return TaskData(cfg, splits, vocab)
+
+
+def _image_folder_splits(cfg: TaskConfig, data_dir: Path, need_train: bool) -> dict:
+    """{data_dir}/train and {data_dir}/val class folders (ImageNet's layout); dev = val, and test = an
+    optional {data_dir}/test folder, else val again (ImageNet's test labels are not public). Class ids are
+    the positions of the train split's sorted class folder names."""
+    from sat.data.imagenet import ImageFolderDataset, eval_transform, list_classes, train_transform
+
+    d = cfg.dataset
+    splits = {}
+    if need_train:
+        splits["train"] = ImageFolderDataset(data_dir, "train", train_transform(d.img_size))
+        classes = splits["train"].classes
+    else:
+        classes = list_classes(data_dir / "train") if (data_dir / "train").is_dir() else None
+    if d.num_classes and classes is not None and len(classes) != d.num_classes:
+        raise DataError(f"{data_dir}/train has {len(classes)} class folders but task {cfg.task} "
+                        f"expects {d.num_classes}; pass --set dataset.num_classes={len(classes)} "
+                        f"(or 0 = count them)")
+    evaluation = eval_transform(d.img_size, d.crop_pct)
+    splits["dev"] = ImageFolderDataset(data_dir, "val", evaluation, classes=classes)
+    splits["test"] = (ImageFolderDataset(data_dir, "test", evaluation, classes=classes)
+                      if (data_dir / "test").is_dir() else splits["dev"])
+    return splits
+
+
+class _RankSlices:
+    """Rank-sharded LRA batches: every rank draws the same global batch (batch_size * world, same shuffle) and
+    keeps its slice rank::world, so ranks never overlap and the loader state is the same on every rank."""
+
+    def __init__(self, loader: LRALoader, rank: int, world: int) -> None:
+        self.loader, self.rank, self.world = loader, rank, world
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __next__(self) -> Batch:
+        b = next(self.loader)
+        r, w = self.rank, self.world
+        return Batch(b.x[r::w], None if b.mask is None else b.mask[r::w], b.y[r::w])
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def resolve_for_data(cfg: TaskConfig, num_classes: int, batches_per_epoch: int) -> TaskConfig:
+    """Fill in what the config leaves to the data: num_classes 0 (count of class folders) and epochs /
+    warmup_epochs -> train_steps / warmup_steps (batches per epoch of one rank). Deterministic, so a resumed
+    run resolves to the same config it saved."""
+    d, t = cfg.dataset, cfg.training
+    if d.num_classes == 0:
+        d = dataclasses.replace(d, num_classes=num_classes)
+    if t.epochs > 0:
+        t = dataclasses.replace(t, train_steps=max(1, round(t.epochs * batches_per_epoch)))
+    if t.warmup_epochs > 0:
+        t = dataclasses.replace(t, warmup_steps=round(t.warmup_epochs * batches_per_epoch))
+        if t.warmup_steps >= t.train_steps:
+            raise ConfigError(f"warm-up of {t.warmup_epochs} epochs ({t.warmup_steps} steps) is not shorter "
+                              f"than the run ({t.train_steps} steps); lower it, e.g. "
+                              f"--set training.warmup_epochs=0")
+    return validate(dataclasses.replace(cfg, dataset=d, training=t))
+
+
+def make_mixer(cfg: TaskConfig, seed: int):
+    """Mixup/CutMix (with label smoothing folded into its soft targets) when the config asks for either, else
+    None. `cfg` must be resolved (resolve_for_data): the soft targets need the class count."""
+    t = cfg.training
+    if t.mixup == 0 and t.cutmix == 0:
+        return None
+    from sat.data.imagenet import Mixup
+
+    return Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
+                 num_classes=cfg.dataset.num_classes, seed=seed)
