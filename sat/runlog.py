@@ -23,6 +23,7 @@ from tqdm import tqdm
 from sat.checkpoint import save_checkpoint
 from sat.fileio import atomic_write_text
 from sat.sparsity.scheduler import Event
+from sat.viz import attention_overlay, layout_image, monitor_layout
 
 log = logging.getLogger("sat")
 
@@ -118,14 +119,43 @@ class RunLog:
         d = event.details
         if event.kind == "sparsify":
             self.say(f"step {event.step}: attention switched to block-sparse ({event.reason}); density used "
-                     f"{d['density_used']:.4f}, {d['added_diagonal']} diagonal block(s) added to empty rows")
-            for i, layout in enumerate(d["layouts"]):  # (1, nb, nb) images
-                self.writer.add_image(f"layout/layer{i}", layout.float().mean(0, keepdim=True), event.step)
+                     f"{d['density_used']:.4f} (per layer "
+                     f"{', '.join(f'{x:.3f}' for x in d['density_per_layer'])}), {d['added_diagonal']} diagonal "
+                     f"block(s) added to empty rows")
+            for i, layout in enumerate(d["layouts"]):
+                self.writer.add_image(f"layout/layer{i}", layout_image(layout), event.step)
+            if "recall" in d:
+                self._recall(event.step, d["recall"], d["block_mass"], d["layouts"])
         else:
             self.say(f"step {event.step}: MLPs densified (S2D): {len(d['layers'])} Monarch layers -> dense; "
                      f"parameters {d['params_before']} -> {d['params_after']}")
         self.writer.add_text("transitions", f"{event.kind} at step {event.step} {event.reason}", event.step)
         self.writer.add_scalar(f"transition/{event.kind}", 1.0, event.step)
+
+    def monitor_charts(self, num_layers: int) -> None:
+        """TensorBoard's custom-scalars tab: every layer's skewness and drift beside the --sk/--ds thresholds."""
+        self.writer.add_custom_scalars(monitor_layout(num_layers, "monitor/skewness/layer", "monitor/drift/layer",
+                                                      "monitor/threshold/sk", "monitor/threshold/ds"))
+
+    def _recall(self, step: int, recall: dict, masses: list, layouts: list) -> None:
+        """The layout recall at the switch: one line per layer (recall, and the densities that would keep 90/95/99%
+        of the dense attention mass), scalars, the recall-against-density curve, and the block-pooled dense
+        attention with the chosen layout outlined."""
+        for i, (layer, mass, layout) in enumerate(zip(recall["layers"], masses, layouts, strict=True)):
+            reach = ", ".join(f"{float(t):.0%} at {'-' if v is None else f'{v:.3f}'}"
+                              for t, v in layer["density_for_recall"].items())
+            value = "n/a" if layer["recall"] is None else f"{layer['recall']:.3f}"
+            self.say(f"step {step}: layer {i} layout recall {value} (dense attention mass kept; density needed for "
+                     f"{reach})")
+            if layer["recall"] is not None:
+                self.writer.add_scalar(f"sparsity/recall/layer{i}", layer["recall"], step)
+            for density, r in layer["curve"].items():  # x axis: density in thousandths
+                if r is not None:
+                    self.writer.add_scalar(f"sparsity/recall_curve/layer{i}", r, round(float(density) * 1000))
+            self.writer.add_image(f"attention_vs_layout/layer{i}", attention_overlay(mass, layout), step)
+        if recall["mean"] is not None:
+            self.say(f"step {step}: mean layout recall {recall['mean']:.3f}")
+            self.writer.add_scalar("sparsity/recall/mean", recall["mean"], step)
 
     def save_checkpoint(self, state: dict, improved: bool) -> None:
         """The last checkpoint, and the best one too when dev accuracy `improved` (rank 0 only; the losses

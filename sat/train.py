@@ -17,6 +17,7 @@ Only rank 0 writes the log, TensorBoard, checkpoints and summary.json.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -43,6 +44,7 @@ from sat.models.monarch import count_parameters
 from sat.optim import lr_at, make_optimizer, set_lr
 from sat.runlog import RunLog, RunPaths
 from sat.sparsity.monitor import MonitorRecord
+from sat.sparsity.recall import measure_block_mass
 from sat.sparsity.scheduler import Event, TransitionScheduler
 
 
@@ -70,7 +72,8 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
     t = cfg.training
     model = build_model(cfg, data.vocab_size, backend).to(dev)
     scheduler = TransitionScheduler(cfg.sparsity, cfg.model.num_layers, t.train_steps,
-                                    has_monarch=cfg.model.mlp == "monarch")
+                                    has_monarch=cfg.model.mlp == "monarch",
+                                    probe=_recall_probe(data, cfg, dev, amp_dtype(cfg, dev)))
     optimizer = make_optimizer(model, cfg)
     mixer = make_mixer(cfg, seed + info.rank)
     dtype = amp_dtype(cfg, dev)
@@ -86,6 +89,7 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
 
     with RunLog(paths, info.is_main, progress, step, t.train_steps, cfg.task) as run:
         run.say(_describe(cfg, model, data, dev, info, len(batches)))
+        run.monitor_charts(cfg.model.num_layers)
         model.train()
         while step < t.train_steps:
             batch = next(batches).to(dev)
@@ -113,7 +117,7 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
                 run.scalars(step, _train_scalars(ce, logits, batch.y, lr, scheduler, timing, phase, dev))
                 run.show(loss=f"{ce:.3f}", phase=phase)
             if loss.maps:
-                run.scalars(step, _monitor_scalars(scheduler.monitor.history[-1], pattern))
+                run.scalars(step, _monitor_scalars(scheduler.monitor.history[-1], pattern, cfg.sparsity))
             if step % t.eval_frequency == 0 or step == t.train_steps:
                 res = _validate(model, data, cfg, dev, dtype, info, step, run)
                 improved, best_acc = res["accuracy"] > best_acc, max(best_acc, res["accuracy"])
@@ -196,6 +200,21 @@ def _clock(timing: dict, phase: str, t0: float, dev: torch.device, step: int) ->
     timing[f"{phase}_steps"] += 1
 
 
+def _recall_probe(data: TaskData, cfg: TaskConfig, dev: torch.device, dtype: torch.dtype | None):
+    """The scheduler's block-mass probe: the first `recall_batches` dev batches, in order, through the model in
+    eval mode (no random stream is touched, so the training run goes on exactly as without it)."""
+
+    def probe(model: nn.Module) -> list[torch.Tensor]:
+        def run(batch: Batch) -> None:
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+                model(batch.to(dev))
+
+        return measure_block_mass(model, itertools.islice(data.eval_batches("dev"), cfg.sparsity.recall_batches),
+                                  run)
+
+    return probe
+
+
 def _after_transitions(events: list[Event], model: nn.Module, cfg: TaskConfig, optimizer: torch.optim.Optimizer,
                        run: RunLog, info: distributed.DistInfo) -> torch.optim.Optimizer:
     """Log the transitions; after the densify swap the optimizer is rebuilt (surviving parameters keep state)."""
@@ -216,9 +235,10 @@ def _train_scalars(ce: float, logits: torch.Tensor, y: torch.Tensor, lr: float, 
             "perf/peak_memory_mb": peak_memory_mb(dev)}
 
 
-def _monitor_scalars(rec: MonitorRecord, pattern: float | None) -> dict[str, float]:
-    """The monitor's per-layer skewness, distance and (once defined) drift; the pattern loss if learned."""
-    out = {}
+def _monitor_scalars(rec: MonitorRecord, pattern: float | None, s) -> dict[str, float]:
+    """The monitor's per-layer skewness, distance and (once defined) drift beside the --sk/--ds thresholds; the
+    pattern loss if learned."""
+    out = {"monitor/threshold/sk": s.sk, "monitor/threshold/ds": s.ds}
     for i in range(len(rec.skew)):
         out[f"monitor/skewness/layer{i}"] = rec.skew[i]
         out[f"monitor/distance/layer{i}"] = rec.dist[i]
@@ -331,6 +351,7 @@ def _summarize(cfg, paths, data, dev, dtype, backend, info, scheduler, step, tim
         "dense_steps_per_sec": _rate(timing, "dense"), "sparse_steps_per_sec": _rate(timing, "sparse"),
         "peak_memory_mb": peak_memory_mb(dev), "density": cfg.sparsity.density,
         "density_used": scheduler.density_used, "added_diagonal_blocks": scheduler.added_diagonal,
+        "pattern": cfg.sparsity.pattern, "layout_recall": scheduler.layout_recall,
         "block_size": cfg.sparsity.block_size, "seq_len": cfg.dataset.max_seq_len, "device": str(dev),
     }
     atomic_write_text(paths.summary, json.dumps(summary, indent=2) + "\n")

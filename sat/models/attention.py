@@ -66,10 +66,14 @@ class Attention(nn.Module):
             return p @ p.transpose(-2, -1)
         return self.pattern_mean
 
-    def sparsify(self, density: float) -> int:
-        """Freeze the pattern and switch to the top-k layout; returns how many diagonal blocks were added."""
-        layout, added = topk_layout(self.importance(), density)
-        self.layout.copy_(layout.expand_as(self.layout))
+    def sparsify(self, density: float, layout: torch.Tensor | None = None) -> int:
+        """Freeze the pattern and switch to block-sparse attention over `layout` (1 or H, nb, nb) when given
+        (a coverage layout), else over the top-k layout of the pattern; returns how many diagonal blocks the
+        top-k rule added (0 for a given layout, whose chooser counts its own)."""
+        added = 0
+        if layout is None:
+            layout, added = topk_layout(self.importance(), density)
+        self.layout.copy_(layout.to(self.layout.device).expand_as(self.layout))
         self.sparse.fill_(True)
         self._is_sparse = True
         self.pattern_weight.requires_grad_(False)

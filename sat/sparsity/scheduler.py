@@ -8,6 +8,7 @@ optimizer steps completed: a transition recorded at step t takes effect from ste
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,8 @@ import torch
 from sat import distributed
 from sat.config import SparsityConfig
 from sat.sparsity.monitor import TransitionMonitor
+from sat.sparsity.pattern import coverage_layout
+from sat.sparsity.recall import recall_summary
 
 
 @dataclass
@@ -26,8 +29,14 @@ class Event:
 
 
 class TransitionScheduler:
-    def __init__(self, cfg: SparsityConfig, num_layers: int, total_steps: int, has_monarch: bool = False) -> None:
+    """`probe(model)`, when given, returns each attention layer's dense block mass (H, nb, nb) measured on a
+    fixed set of dev batches; at the switch it gives the layout recall, and the blocks of the coverage pattern."""
+
+    def __init__(self, cfg: SparsityConfig, num_layers: int, total_steps: int, has_monarch: bool = False,
+                 probe: Callable[[torch.nn.Module], list[torch.Tensor]] | None = None) -> None:
         self.cfg = cfg
+        self.probe = probe
+        self.layout_recall: dict | None = None
         self.monitor = TransitionMonitor(cfg.sk, cfg.ds, num_layers)
         self.transition_step: int | None = None
         self.transition_reason: str | None = None
@@ -69,27 +78,48 @@ class TransitionScheduler:
         return events
 
     def _sparsify(self, step: int, model, reason: str) -> Event:
+        c = self.cfg
         layers = model.attention_layers()
-        self.added_diagonal = sum(layer.sparsify(self.cfg.density) for layer in layers)
+        masses = self.probe(model) if self.probe is not None else None  # measured before any layout changes
+        if c.pattern == "coverage":
+            if masses is None:
+                raise ValueError("the coverage pattern needs the block-mass probe")
+            chosen = [coverage_layout(m, c.recall_target, c.min_density, c.max_density, c.per_head)
+                      for m in masses]
+            self.added_diagonal = sum(ch.added for ch in chosen)
+            for layer, ch in zip(layers, chosen, strict=True):
+                layer.sparsify(c.density, ch.layout)
+        else:
+            self.added_diagonal = sum(layer.sparsify(c.density) for layer in layers)
         for layer in layers:
             distributed.broadcast_(layer.layout)  # under torchrun every rank takes rank 0's layouts
+        per_layer = [float(layer.layout.float().mean()) for layer in layers]
         active = sum(int(layer.layout.sum()) for layer in layers)
         total = sum(layer.layout.numel() for layer in layers)
         self.density_used = active / total
         self.transition_step, self.transition_reason = step, reason
-        self.lr_scale = self.cfg.lr_scale_after_transition
-        return Event("sparsify", step, reason, {"added_diagonal": self.added_diagonal,
-                                                "density_used": self.density_used,
-                                                "layouts": [layer.layout.cpu() for layer in layers]})
+        self.lr_scale = c.lr_scale_after_transition
+        details = {"added_diagonal": self.added_diagonal, "density_used": self.density_used,
+                   "density_per_layer": per_layer, "layouts": [layer.layout.cpu() for layer in layers]}
+        if masses is not None:
+            layer_recall = [recall_summary(m, layer.layout.cpu(), c.per_head) for m, layer in zip(masses, layers,
+                                                                                                   strict=True)]
+            values = [r["recall"] for r in layer_recall if r["recall"] is not None]
+            self.layout_recall = {"mean": sum(values) / len(values) if values else None, "layers": layer_recall,
+                                  "density_per_layer": per_layer}
+            details["recall"] = self.layout_recall
+            details["block_mass"] = [m.float() for m in masses]
+        return Event("sparsify", step, reason, details)
 
     def state_dict(self) -> dict:
         return {"monitor": self.monitor.state_dict(), "transition_step": self.transition_step,
                 "transition_reason": self.transition_reason, "densify_step": self.densify_step,
                 "densify_at": self.densify_at, "lr_scale": self.lr_scale, "added_diagonal": self.added_diagonal,
-                "density_used": self.density_used}
+                "density_used": self.density_used, "layout_recall": self.layout_recall}
 
     def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
         self.monitor.load_state_dict(state["monitor"], device)
         for key in ("transition_step", "transition_reason", "densify_step", "densify_at", "lr_scale",
                     "added_diagonal", "density_used"):
             setattr(self, key, state[key])
+        self.layout_recall = state.get("layout_recall")  # absent in checkpoints written before it existed

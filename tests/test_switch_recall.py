@@ -1,0 +1,58 @@
+"""The layout recall measured at the switch (and the coverage pattern that uses the same measurement) through
+the real command line: written to the log and summary.json, and the training trajectory left unchanged."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sat.data.listops import generate_listops, preprocess_listops
+from tests.conftest import ROOT
+
+ARGS = ["--task", "lra-listops", "--train_steps", "10", "--max_dense_steps", "5", "--random", "4", "--no_progress",
+        "--backend", "torch", "--set=model.num_layers=2", "--set=model.dim=16", "--set=model.hidden_dim=32",
+        "--set=model.head_dim=8", "--set=training.batch_size=4", "--set=training.eval_frequency=5",
+        "--set=training.warmup_steps=2", "--set=dataset.max_seq_len=64", "--set=sparsity.block_size=8",
+        "--set=sparsity.density=0.2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("listops")
+    generate_listops(root / "raw", n_train=40, n_val=12, n_test=8, min_len=20, max_len=60, seed=3)
+    preprocess_listops(root / "raw", root / "data", max_len=64)
+    return root / "data"
+
+
+def run(root, data, name, *extra) -> tuple[dict, list[str], str]:
+    r = subprocess.run([sys.executable, str(ROOT / "main_train.py"), *ARGS, "--data_dir", str(data), "--root",
+                        str(root), "--name", name, *extra], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logs = root / "logs" / "log-4" / "lra-listops"
+    return (json.loads((logs / f"{name}.summary.json").read_text()),
+            (logs / f"{name}.losses.tsv").read_text().splitlines(), (logs / f"{name}.log").read_text())
+
+
+def test_recall_is_reported_and_changes_nothing(tmp_path, data):
+    one, losses_one, log = run(tmp_path, data, "one", "--set=sparsity.recall_batches=1")
+    three, losses_three, _ = run(tmp_path, data, "three", "--set=sparsity.recall_batches=3")
+    assert losses_one == losses_three  # measuring on more dev batches does not move the run
+    rec = one["layout_recall"]
+    assert len(rec["layers"]) == 2 and 0 < rec["mean"] <= 1
+    assert rec["mean"] == pytest.approx(sum(x["recall"] for x in rec["layers"]) / 2)
+    assert rec["layers"][0]["curve"]["0.5"] >= rec["layers"][0]["curve"]["0.1"]
+    assert one["layout_recall"] != three["layout_recall"]  # ... but it measures on them
+    assert "layer 1 layout recall" in log and "mean layout recall" in log
+    assert one["pattern"] == "learned" and len(rec["density_per_layer"]) == 2
+
+
+def test_coverage_keeps_the_target_mass(tmp_path, data):
+    s, _, log = run(tmp_path, data, "cov", "--set=sparsity.pattern=\"coverage\"", "--set=sparsity.recall_target=0.8",
+                    "--set=sparsity.max_density=1.0")
+    rec = s["layout_recall"]
+    assert s["pattern"] == "coverage" and s["transition_step"] == 5
+    for layer in rec["layers"]:
+        assert layer["recall"] >= 0.8 - 1e-9  # the mass it was chosen to keep, on the same batches
+        assert layer["density_for_recall"]["0.9"] is not None
+    assert s["density_used"] == pytest.approx(sum(rec["density_per_layer"]) / 2)
