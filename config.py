@@ -90,5 +90,17 @@ PRESETS = {
                          "lr_scale_after_transition": 1.0},
         },
     },
+    # Long sequences, where sparse attention pays: LRA-length ListOps trees (256 < length < 1024), N=1024.
+    "long": {
+        "lra-listops": {
+            "dataset": {"max_seq_len": 1024, "generate": {"n_train": 8000, "n_val": 500, "n_test": 2000,
+                                                           "min_len": 256, "max_len": 1024}},
+            "model": {"num_layers": 2},
+            "training": {"batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 100, "train_steps": 1500,
+                         "eval_frequency": 250},
+            "sparsity": {"block_size": 32, "density": 0.1, "max_dense_steps": 300,
+                         "lr_scale_after_transition": 1.0},
+        },
+    },
     "tiny": {"imagenet-vit-ti": _VIT_TINY, "imagenet-vit-s": _VIT_TINY},
 }

@@ -1,15 +1,22 @@
-"""Quality parity: quick-preset ListOps, dense-only training against the automatic dense->sparse switch.
+"""Quality parity: dense-only training against the automatic dense->sparse switch, for any preset.
 
-    python bench/parity.py [--seeds 1001 1002 1003]
+    python bench/parity.py --preset quick [--seeds 1001 1002 1003] [--modes dense learned coverage]
+        [--extra_seeds 1001 1002 1003] [--out bench/results/parity-quick.txt]
 
-Runs main_train.py (one process per run, sequentially) with and without --no_switch for each seed, then
-prints the mean and spread of test accuracy and wall time, and the switch steps.
+Every run is its own main_train.py process, one after another, on the same generated data. Modes:
+dense (--no_switch), learned (SAT's rule: top-k of the learned pattern G = P P^T), measured (top-k of the
+measured block mass), coverage (the fewest blocks keeping `recall_target` of the measured mass). `--seeds`
+are used for dense and for the default mode (the first of --modes after dense), `--extra_seeds` for the
+other modes. Prints per-seed rows; mean and sample sd per mode; for every automatic mode the paired
+difference against dense-only on the seeds both ran, with a 95% t confidence interval; the wall-time ratio;
+switch steps; layout recall and density used.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -18,50 +25,105 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+MODES = {"dense": ["--no_switch"], "learned": ["--set=sparsity.pattern=\"learned\""],
+         "measured": ["--set=sparsity.pattern=\"measured\""], "coverage": ["--set=sparsity.pattern=\"coverage\""]}
+# two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (scipy is not a run-time dependency)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def run(root: Path, seed: int, name: str, extra: list[str]) -> dict:
+def run(root: Path, task: str, preset: str, seed: int, mode: str, extra: list[str]) -> dict:
+    name = f"{mode}-{seed}"
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "main_train.py"), "--task", "lra-listops", "--preset", "quick",
+    subprocess.run([sys.executable, str(ROOT / "main_train.py"), "--task", task, "--preset", preset,
                     "--random", str(seed), "--name", name, "--root", str(root), "--no_progress",
-                    "--data_dir", str(root / "data"), *extra], check=True, stdout=subprocess.DEVNULL)
+                    "--data_dir", str(root / "data"), *MODES[mode], *extra], check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
-    summary = json.loads((root / "logs" / f"log-{seed}" / "lra-listops" / f"{name}.summary.json").read_text())
-    return {**summary, "wall_s": wall}
+    summary = json.loads((root / "logs" / f"log-{seed}" / task / f"{name}.summary.json").read_text())
+    return {**summary, "wall_s": wall, "seed": seed}
 
 
 def sd(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+def ci95(xs: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t interval (nan with a single value)."""
+    m = statistics.mean(xs)
+    n = len(xs)
+    if n < 2:
+        return m, math.nan
+    return m, T95.get(n - 1, 1.96) * statistics.stdev(xs) / math.sqrt(n)
+
+
+def report(task: str, preset: str, results: dict[str, list[dict]]) -> str:
+    lines = [f"{task} --preset {preset}: test accuracy (%), wall time (s), switch, layout recall, density used"]
+    lines.append(f"{'mode':<10}{'seeds':>6}{'acc mean':>10}{'± sd':>7}{'wall mean':>11}{'± sd':>7}"
+                 f"{'recall':>8}{'density':>9}  switch steps (reason)")
+    for mode, rs in results.items():
+        acc = [100 * r["test_accuracy"] for r in rs]
+        wall = [r["wall_s"] for r in rs]
+        recall = [r["layout_recall"]["mean"] for r in rs if r.get("layout_recall") and r["layout_recall"]["mean"]]
+        dens = [r["density_used"] for r in rs if r.get("density_used")]
+        switches = ", ".join(f"{r['transition_step']} ({r['transition_reason']})" if r["transition_step"] else "-"
+                             for r in rs)
+        lines.append(f"{mode:<10}{len(rs):>6}{statistics.mean(acc):>10.2f}{sd(acc):>7.2f}"
+                     f"{statistics.mean(wall):>11.1f}{sd(wall):>7.1f}"
+                     f"{statistics.mean(recall) if recall else math.nan:>8.3f}"
+                     f"{statistics.mean(dens) if dens else math.nan:>9.3f}  {switches}")
+    dense = {r["seed"]: r for r in results.get("dense", [])}
+    for mode, rs in results.items():
+        paired = [(r, dense[r["seed"]]) for r in rs if mode != "dense" and r["seed"] in dense]
+        if not paired:
+            continue
+        diff = [100 * (a["test_accuracy"] - d["test_accuracy"]) for a, d in paired]
+        m, h = ci95(diff)
+        ratio = sum(d["wall_s"] for _, d in paired) / sum(a["wall_s"] for a, _ in paired)
+        lines.append(f"{mode} - dense (paired, {len(paired)} seeds): {m:+.2f} points, 95% CI [{m - h:+.2f}, "
+                     f"{m + h:+.2f}]; per seed {', '.join(f'{x:+.1f}' for x in diff)}; wall-time ratio dense/{mode} "
+                     f"{ratio:.2f}x")
+    lines.append("per run: seed mode test% wall_s switch recall density steps/s(dense, sparse)")
+    for mode, rs in results.items():
+        for r in rs:
+            rec = (r.get("layout_recall") or {}).get("mean")
+            lines.append(f"  {r['seed']} {mode:<9} {100 * r['test_accuracy']:.2f} {r['wall_s']:.1f} "
+                         f"{r['transition_step'] or '-'} {'-' if rec is None else f'{rec:.3f}'} "
+                         f"{r['density_used'] or '-'} ({r['dense_steps_per_sec'] or '-'}, "
+                         f"{r['sparse_steps_per_sec'] or '-'})")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", default="lra-listops")
+    p.add_argument("--preset", default="quick")
     p.add_argument("--seeds", type=int, nargs="+", default=[1001, 1002, 1003])
+    p.add_argument("--extra_seeds", type=int, nargs="*", default=None,
+                   help="seeds for the modes after the default one (default: --seeds)")
+    p.add_argument("--modes", nargs="+", default=["dense", "learned"], choices=list(MODES))
+    p.add_argument("--set", action="append", default=[], help="extra --set for every run")
     p.add_argument("--root", help="work folder (default: a temporary one)")
+    p.add_argument("--out", help="also write the table to this file")
     a = p.parse_args()
     root = Path(a.root or tempfile.mkdtemp(prefix="sat-parity-"))
     sys.path.insert(0, str(ROOT))
     from sat.config import load_config
     from sat.data.loading import prepare_data
 
-    prepare_data(load_config("lra-listops", "quick"), root / "data")  # the same data for every run
-    results: dict[str, list[dict]] = {"dense-only": [], "auto-switch": []}
+    prepare_data(load_config(a.task, a.preset), root / "data")  # the same data for every run
+    extra = [f"--set={s}" for s in a.set]
+    autos = [m for m in a.modes if m != "dense"]
+    results: dict[str, list[dict]] = {m: [] for m in a.modes}
     for seed in a.seeds:
-        results["dense-only"].append(run(root, seed, "dense", ["--no_switch"]))
-        results["auto-switch"].append(run(root, seed, "sat", []))
-    print(f"quick-preset ListOps, seeds {a.seeds}")
-    print(f"{'mode':<14}{'test acc mean':>14}{'± sd':>8}{'wall s mean':>13}{'± sd':>8}  switch steps (reason)")
-    for mode, rs in results.items():
-        acc = [100 * r["test_accuracy"] for r in rs]
-        wall = [r["wall_s"] for r in rs]
-        switches = ", ".join(f"{r['transition_step']} ({r['transition_reason']})" for r in rs)
-        print(f"{mode:<14}{statistics.mean(acc):>14.2f}{sd(acc):>8.2f}{statistics.mean(wall):>13.1f}"
-              f"{sd(wall):>8.1f}  {switches}")
-    d = statistics.mean(r["wall_s"] for r in results["dense-only"])
-    s = statistics.mean(r["wall_s"] for r in results["auto-switch"])
-    gap = statistics.mean(100 * r["test_accuracy"] for r in results["auto-switch"]) - statistics.mean(
-        100 * r["test_accuracy"] for r in results["dense-only"])
-    print(f"accuracy difference (auto - dense): {gap:+.2f} points; wall-time ratio dense/auto: {d / s:.2f}x")
+        for mode in a.modes:
+            if mode == "dense" or mode == autos[0]:
+                results[mode].append(run(root, a.task, a.preset, seed, mode, extra))
+    for seed in (a.seeds if a.extra_seeds is None else a.extra_seeds):
+        for mode in autos[1:]:
+            results[mode].append(run(root, a.task, a.preset, seed, mode, extra))
+    text = report(a.task, a.preset, results)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

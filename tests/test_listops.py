@@ -299,3 +299,26 @@ def test_cli(tmp_path: Path) -> None:
     assert r.returncode == 2 and r.stderr.startswith("error: missing")
     r = run_module("sat.data.listops", "--raw", str(raw), "--min_len", "30", "--max_len", "31", "--force")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_generated_data_follows_its_settings(tmp_path: Path) -> None:
+    from sat.config import load_config
+    from sat.data.loading import default_data_dir, prepare_data
+
+    gen = {"n_train": 8, "n_val": 4, "n_test": 4, "min_len": 10, "max_len": 40}
+    cfg = load_config("lra-listops", "quick", overrides={"dataset": {"generate": gen}})
+    out = default_data_dir(cfg, tmp_path)
+    assert out == tmp_path / "data" / "lra-listops-generated-256"
+    prepare_data(cfg, out)
+    first = (out / "lra-listops.train.npz").stat().st_mtime_ns
+    prepare_data(cfg, out)  # same settings: kept
+    assert (out / "lra-listops.train.npz").stat().st_mtime_ns == first
+    assert load_meta(out, "lra-listops")["generate"] == gen
+    cfg2 = load_config("lra-listops", "quick", overrides={"dataset": {"generate": {**gen, "n_train": 9}}})
+    prepare_data(cfg2, out)  # other settings: generated again
+    assert load_meta(out, "lra-listops")["counts"]["train"] == 9
+    meta = json.loads((out / "lra-listops.meta.json").read_text())
+    del meta["tokens"]  # as written by the old code: regenerated, not refused
+    (out / "lra-listops.meta.json").write_text(json.dumps(meta))
+    prepare_data(cfg2, out)
+    assert load_meta(out, "lra-listops")["tokens"].startswith("lra")

@@ -19,22 +19,27 @@ from typing import Any
 from sat.config import ConfigError, TaskConfig, validate
 from sat.data import listops
 from sat.data.batch import Batch
-from sat.data.format import DataError, Split, load_meta, load_split
+from sat.data.format import DataError, Split, load_meta, load_split, save_meta
 from sat.data.lra import LRALoader, check_split
 
 
 def default_data_dir(cfg: TaskConfig, root: str | Path = ".") -> Path:
-    """data/{task} under `root`, or data/{task}-generated for generated data."""
-    suffix = "-generated" if cfg.dataset.generate else ""
+    """data/{task} under `root`; generated data (a preset's ListOps) in data/{task}-generated-{N}, so that
+    presets of different lengths keep their own sets."""
+    suffix = f"-generated-{cfg.dataset.max_seq_len}" if cfg.dataset.generate else ""
     return Path(root) / "data" / f"{cfg.task}{suffix}"
 
 
 def prepare_data(cfg: TaskConfig, data_dir: Path) -> None:
-    """Generate and preprocess ListOps when the config asks for generated data and none exists yet."""
+    """Generate and preprocess ListOps when the config asks for generated data and the folder does not hold
+    data made from the same settings in today's token convention (otherwise it is generated again)."""
     gen = cfg.dataset.generate
-    meta = data_dir / f"{cfg.task}.meta.json"
-    if not gen or meta.is_file() and listops.is_current(load_meta(data_dir, cfg.task)):
-        return  # generated data of an older token convention is simply generated again
+    if not gen:
+        return
+    if (data_dir / f"{cfg.task}.meta.json").is_file():
+        meta = load_meta(data_dir, cfg.task)
+        if listops.is_current(meta) and meta.get("generate") == gen and meta.get("max_len") == cfg.dataset.max_seq_len:
+            return
     raw = data_dir / "raw"
     print(f"generating ListOps into {raw} (n_train={gen.get('n_train')}, {gen.get('min_len')} < length < "
           f"{gen.get('max_len')}) ...", flush=True)
@@ -42,7 +47,8 @@ def prepare_data(cfg: TaskConfig, data_dir: Path) -> None:
         listops.generate_listops(raw, force=True, **gen)
     except ValueError as e:  # e.g. a length range the generator keeps missing
         raise ConfigError(f"dataset.generate: {e}; widen min_len..max_len") from e
-    listops.preprocess_listops(raw, data_dir, max_len=cfg.dataset.max_seq_len, force=True)
+    meta = listops.preprocess_listops(raw, data_dir, max_len=cfg.dataset.max_seq_len, force=True)
+    save_meta(data_dir, cfg.task, {**meta, "generate": gen})  # what it was made from, checked on the next run
 
 
 @dataclass

@@ -1,0 +1,32 @@
+"""bench/parity.py's statistics: paired differences with a 95% t interval, means and spreads per mode."""
+
+import importlib.util
+import math
+
+from tests.conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("parity", ROOT / "bench" / "parity.py")
+parity = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(parity)
+
+
+def result(seed, acc, wall, step=None, recall=None, density=None):
+    return {"seed": seed, "test_accuracy": acc, "wall_s": wall, "transition_step": step,
+            "transition_reason": "criteria" if step else None, "density_used": density,
+            "layout_recall": None if recall is None else {"mean": recall}, "dense_steps_per_sec": 5.0,
+            "sparse_steps_per_sec": 9.0 if step else None}
+
+
+def test_ci95_matches_the_t_interval():
+    m, h = parity.ci95([1.0, 2.0, 3.0])
+    assert m == 2.0 and math.isclose(h, 4.303 * 1.0 / math.sqrt(3))
+    assert math.isnan(parity.ci95([1.0])[1])
+
+
+def test_report_pairs_seeds_and_reports_ratio():
+    results = {"dense": [result(1, 0.40, 100.0), result(2, 0.42, 110.0)],
+               "learned": [result(1, 0.39, 50.0, 30, 0.5, 0.25), result(2, 0.43, 55.0, 40, 0.7, 0.25)]}
+    text = parity.report("lra-listops", "quick", results)
+    assert "learned - dense (paired, 2 seeds): +0.00 points" in text
+    assert "per seed -1.0, +1.0" in text and "wall-time ratio dense/learned 2.00x" in text
+    assert "0.600" in text  # mean recall of the learned runs
