@@ -1,6 +1,6 @@
 """Per-task settings in SAT's dict shape: CONFIG[task] = {dataset, model, training, sparsity}.
 
-Values follow SPEC.md section 6 (SAT's LRA config; N rounded up to a power of two). sat/config.py validates
+Values follow docs/workloads.md (SAT's LRA config; N rounded up to a power of two). sat/config.py validates
 these dicts (unknown keys, wrong types, impossible values are errors) and applies presets and CLI overrides.
 """
 
@@ -28,7 +28,7 @@ def _lra(max_seq_len, num_classes, layers, block, density, batch, lr, steps, war
 
 
 def _vit(dim, heads):
-    """ViT-{Ti,S}/16 on ImageNet folders, the reference experiment (SPEC.md section 6): 224x224 -> 197 tokens
+    """ViT-{Ti,S}/16 on ImageNet folders, the reference experiment (docs/workloads.md): 224x224 -> 197 tokens
     padded to 224 (7x7 blocks of 32), batch 128 per GPU, AdamW lr 1e-3, wd 0.03, mixed precision, Monarch
     MLPs (nblocks 4) densified at 70% of the steps. Epoch count, warm-up, label smoothing and Mixup/CutMix
     follow the usual DeiT recipe."""

@@ -271,7 +271,7 @@ def image_tokens(d: DatasetConfig) -> int:
 
 
 def _derive(cfg: TaskConfig) -> TaskConfig:
-    """Image tasks with max_seq_len 0: the tokens padded up to a multiple of the block size (SPEC.md s.4)."""
+    """Image tasks with max_seq_len 0: the tokens padded up to a multiple of the block size (docs/block-sparse.md)."""
     d, bs = cfg.dataset, cfg.sparsity.block_size
     if d.kind == "image_folder" and d.max_seq_len == 0 and bs > 0:
         d.max_seq_len = -(-image_tokens(d) // bs) * bs

@@ -58,7 +58,7 @@ def explicit_dense(layer: MonarchLinear) -> torch.Tensor:
 
 
 def spec_forward(layer: MonarchLinear, x: torch.Tensor) -> torch.Tensor:
-    """SPEC.md section 5's einsum sequence, written literally; x (batch, in_features)."""
+    """docs/monarch.md's einsum sequence, written literally; x (batch, in_features)."""
     batch = x.shape[0]
     blkdiag1, blkdiag2 = layer.blkdiag1, layer.blkdiag2
     k, q, p = blkdiag1.shape

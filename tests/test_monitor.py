@@ -1,4 +1,4 @@
-"""The monitor's switch step equals a plain numpy implementation of SPEC.md section 2."""
+"""The monitor's switch step equals a plain numpy implementation of docs/switch.md."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from sat.sparsity.monitor import TransitionMonitor, frobenius_distance, skewness
 
 
 def numpy_switch_step(seq, sk, ds):
-    """SPEC.md section 2 written out with numpy, independently of the project's code."""
+    """docs/switch.md written out with numpy, independently of the project's code."""
     prev_map, prev_dist = None, None
     for t, maps in enumerate(seq):
         ok = True

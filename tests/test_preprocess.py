@@ -1,4 +1,4 @@
-"""Preprocess scripts on tiny raw fixtures written in each raw format (SPEC.md section 7)."""
+"""Preprocess scripts on tiny raw fixtures written in each raw format (docs/data.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reference block-sparse attention: dense math with the block and padding mask (SPEC.md section 4).
+"""Reference block-sparse attention: dense math with the block and padding mask (docs/block-sparse.md).
 
 Obviously right and O(N^2) in memory; every faster backend is tested against it.
 """

@@ -1,4 +1,4 @@
-"""Monarch linear layers and their densification (SPEC.md section 5).
+"""Monarch linear layers and their densification (docs/monarch.md).
 
 A Monarch matrix is the product of two block-diagonal matrices with a fixed permutation between
 them. ``MonarchLinear`` stores the two block-diagonal factors as ``blkdiag1`` (k, q, p) and

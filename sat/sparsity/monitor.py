@@ -1,4 +1,4 @@
-"""SAT's dense-phase monitor (SPEC.md section 2), computed on the device.
+"""SAT's dense-phase monitor (docs/switch.md), computed on the device.
 
 For each layer l and monitored step t, with A_t the batch- and head-averaged attention probabilities (N x N):
 skew_t = mean(z^3), z = (A - mean) / std (population std); dist_t = ||A_t - A_{t-1}||_F;
