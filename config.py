@@ -59,6 +59,9 @@ CONFIG = {
     "lra-retrieval": _lra(4096, 2, 2, 64, 0.021, 32, 5e-4, 40000, 800, 500, two_inputs=True),
     "lra-image": _lra(1024, 10, 2, 32, 0.05, 512, 2e-3, 10000, 175, 200),
     "lra-pathfinder": _lra(1024, 2, 2, 32, 0.05, 512, 2e-3, 62500, 312, 1000),
+    # Byte-level text classification from CSV files (AG News, Yelp...: preprocess/create_csv_text.py), the
+    # lra-text recipe; num_classes 0 = from the data's meta.
+    "csv-text": _lra(4096, 0, 2, 64, 0.05, 32, 5e-4, 20000, 1000, 500),
     "imagenet-vit-ti": _vit(192, 3),
     "imagenet-vit-s": _vit(384, 6),
 }

@@ -8,8 +8,9 @@ sentiment, rating, stars, y) is a header and skipped. Labels: the sorted distinc
 truncated to ``max_len`` bytes; empty texts are skipped and counted. Dev is every 10th training row
 (index % 10 == 9), train the rest. Each file is read twice (labels and count, then fill).
 
-    python -m preprocess.create_csv_text --train train.csv --test test.csv --out OUT [--task text-csv]
+    python -m preprocess.create_csv_text --train train.csv --test test.csv --out OUT [--name NAME]
         [--max_len 4000] [--force]
+    python main_train.py --task csv-text --data_dir OUT
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     p = base_parser("CSV label,text files -> processed byte-level text classification .npz.", 4000, raw=False)
     p.add_argument("--train", required=True, help="training CSV (label,text)")
     p.add_argument("--test", required=True, help="test CSV (label,text)")
-    p.add_argument("--task", default="text-csv", help="task name used in the output file names")
+    p.add_argument("--name", default="csv", help="the data set's name, kept in the meta (e.g. agnews)")
     a = p.parse_args(argv)
-    report(preprocess_csv_text(a.train, a.test, a.out, a.task, a.max_len, a.force), a.out)
+    report(preprocess_csv_text(a.train, a.test, a.out, a.name, a.max_len, a.force), a.out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 @dataclass
 class DatasetConfig:
     max_seq_len: int               # padded tokens; image_folder: 0 = 1 + (img/patch)^2 rounded up to blocks
-    num_classes: int               # image_folder: 0 = the number of class folders in {data_dir}/train
+    num_classes: int               # 0 = from the data: class folders (image_folder) or the meta's count
     two_inputs: bool = False
     vocab_size: int = 0            # 0 = read from the processed data's meta.json
     generate: dict = field(default_factory=dict)   # ListOps generator settings for presets
@@ -177,7 +177,8 @@ def validate(cfg: TaskConfig) -> TaskConfig:
     image = d.kind == "image_folder"
     checks = [
         (d.max_seq_len > 0, "dataset.max_seq_len must be positive"),
-        (d.num_classes >= 2 or image, "dataset.num_classes must be at least 2"),
+        (d.num_classes >= 2 or d.num_classes == 0 or image,
+         "dataset.num_classes must be at least 2 (or 0: the count in the data's meta)"),
         (m.num_layers > 0 and m.dim > 0 and m.hidden_dim > 0 and m.num_heads > 0 and m.head_dim > 0,
          "model sizes (num_layers, dim, hidden_dim, num_heads, head_dim) must be positive"),
         (0.0 <= m.dropout < 1.0 and 0.0 <= m.attn_dropout < 1.0, "model dropouts must lie in [0, 1)"),

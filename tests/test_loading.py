@@ -42,7 +42,7 @@ def lra_dir(tmp_path_factory):
 
 def test_lra_splits_batches_and_rank_shards(lra_dir):
     data = load_task_data(lra_cfg(), lra_dir)
-    assert data.vocab_size == 20 and data.found_classes() == 0 and not data.image_folders
+    assert data.vocab_size == 20 and data.found_classes() == 10 and not data.image_folders
     np.testing.assert_array_equal(data.labels("test"), data.splits["test"].y)
     batch = next(data.train_stream(seed=3))
     assert isinstance(batch, Batch) and batch.x.shape == (4, 16) and batch.mask.shape == (4, 16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import subprocess
 import sys
@@ -307,17 +308,17 @@ def test_csv_text(tmp_path: Path) -> None:
                                                             for a, b, c in rows), encoding="utf-8")
     test.write_text('3,"t","x"\n1,"u",""\n10,"v","y"\n', encoding="utf-8")
     with pytest.raises(DataError, match="never occurs"):
-        preprocess_csv_text(train, test, tmp_path / "out", task="ag", max_len=20)
+        preprocess_csv_text(train, test, tmp_path / "out", name="ag", max_len=20)
     test.write_text('3,"t","x"\n1,"u",""\n', encoding="utf-8")
-    meta = preprocess_csv_text(train, test, tmp_path / "out", task="ag", max_len=20)
+    meta = preprocess_csv_text(train, test, tmp_path / "out", name="ag", max_len=20)
     assert meta["label_map"] == {"1": 0, "2": 1, "3": 2} and meta["num_classes"] == 3
     assert meta["counts"] == {"train": 18, "dev": 2, "test": 2}
-    dev = load_split(tmp_path / "out", "ag", "dev", num_classes=3)
+    dev = load_split(tmp_path / "out", "csv-text", "dev", num_classes=3)
     for r, i in enumerate([9, 19]):
         text = f"title {i} desc, \"quoted\" {i}\u00e9".encode()
         assert decode(dev.x[r], int(dev.lengths[r])) == text[:20]
         assert dev.y[r] == i % 3
-    test_split = load_split(tmp_path / "out", "ag", "test")
+    test_split = load_split(tmp_path / "out", "csv-text", "test")
     assert decode(test_split.x[1], int(test_split.lengths[1])) == b"u "
     assert test_split.y.tolist() == [2, 0]
 
@@ -333,8 +334,8 @@ def test_csv_text_string_labels_and_errors(tmp_path: Path) -> None:
     train.write_text("just-one-column\n")
     with pytest.raises(DataError, match="expected label,text"):
         preprocess_csv_text(train, test, tmp_path / "out", force=True)
-    with pytest.raises(DataError, match="--task"):
-        preprocess_csv_text(train, test, tmp_path / "out", task="../evil")
+    with pytest.raises(DataError, match="--name"):
+        preprocess_csv_text(train, test, tmp_path / "out", name="../evil")
 
 
 # ---------------------------------------------------------------- CLI: exit codes, overwrite, --force
@@ -363,3 +364,23 @@ def test_cli_missing_overwrite_force(tmp_path: Path) -> None:
     r = run_module("preprocess.create_csv_text", "--train", str(tmp_path / "no.csv"), "--test",
                    str(tmp_path / "no.csv"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and r.stderr.startswith("error: missing")
+
+
+def test_csv_text_trains_as_a_task(tmp_path: Path) -> None:
+    """create_csv_text's output trains with --task csv-text --data_dir, the class count read from its meta."""
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text("".join(f"{1 + i % 4},sample text number {i}\n" for i in range(48)), encoding="utf-8")
+    test.write_text("".join(f"{1 + i % 4},held out {i}\n" for i in range(8)), encoding="utf-8")
+    r = run_module("preprocess.create_csv_text", "--train", str(train), "--test", str(test), "--out",
+                   str(tmp_path / "agnews"), "--name", "agnews", "--max_len", "32")
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "main_train.py"), "--task", "csv-text", "--data_dir",
+                        str(tmp_path / "agnews"), "--root", str(tmp_path), "--name", "ag", "--train_steps", "4",
+                        "--no_progress", "--set=dataset.max_seq_len=32", "--set=sparsity.block_size=8",
+                        "--set=sparsity.density=0.25", "--set=training.batch_size=4",
+                        "--set=training.eval_frequency=2", "--set=training.warmup_steps=1",
+                        "--set=model.num_layers=1", "--max_dense_steps", "2"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "logs" / "log-1001" / "csv-text" / "ag.summary.json").read_text())
+    assert summary["task"] == "csv-text" and summary["transition_step"] == 2

@@ -58,14 +58,16 @@ class TaskData:
     cfg: TaskConfig
     splits: dict[str, Any]  # "train" (unless loaded without it), "dev", "test": LRA Splits or ImageFolderDatasets
     vocab_size: int          # 0 for image folders
+    meta_classes: int = 0    # LRA data: the class count (the config's, else the meta's)
 
     @property
     def image_folders(self) -> bool:
         return self.cfg.dataset.kind == "image_folder"
 
     def found_classes(self) -> int:
-        """The number of class folders of the train split (image folders; 0 for LRA data)."""
-        return len(getattr(self.splits["train"], "classes", ()))
+        """The number of classes the data holds: class folders of the train split (image folders), the meta's
+        count (LRA data)."""
+        return len(getattr(self.splits["train"], "classes", ())) if self.image_folders else self.meta_classes
 
     def labels(self, split: str):
         """Class ids of a split: LRA `Split.y` or an image folder's `targets`."""
@@ -111,16 +113,20 @@ def load_task_data(cfg: TaskConfig, data_dir: Path, need_train: bool = True) -> 
     vocab = cfg.dataset.vocab_size or int(meta.get("vocab_size", 0))
     if vocab <= 0:
         raise DataError(f"{data_dir}: meta.json has no vocab_size; re-run the preprocess script")
+    classes = cfg.dataset.num_classes or int(meta.get("num_classes", 0))
+    if classes < 2:
+        raise DataError(f"{data_dir}: meta.json has no num_classes of 2 or more; re-run the preprocess script or "
+                        f"pass --set dataset.num_classes=C")
     splits = {}
     for split in ("train", "dev", "test"):
-        s = load_split(data_dir, cfg.task, split, cfg.dataset.num_classes)
+        s = load_split(data_dir, cfg.task, split, classes)
         want = 3 if cfg.dataset.two_inputs else 2
         if s.x.ndim != want:
             raise DataError(f"{data_dir}: {split} has {s.x.ndim - 1}-input shape {s.x.shape} but task {cfg.task} "
                             f"expects {want - 1} input(s)")
         check_split(s, cfg.dataset.max_seq_len, vocab, f"{cfg.task}.{split}")
         splits[split] = s
-    return TaskData(cfg, splits, vocab)
+    return TaskData(cfg, splits, vocab, classes)
 
 
 def _image_folder_splits(cfg: TaskConfig, data_dir: Path, need_train: bool) -> dict:

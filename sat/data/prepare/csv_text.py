@@ -8,8 +8,12 @@ sentiment, rating, stars, y) is a header and skipped. Labels: the sorted distinc
 truncated to ``max_len`` bytes; empty texts are skipped and counted. Dev is every 10th training row
 (index % 10 == 9), train the rest. Each file is read twice (labels and count, then fill).
 
-    python -m preprocess.create_csv_text --train train.csv --test test.csv --out OUT [--task text-csv]
+    python -m preprocess.create_csv_text --train train.csv --test test.csv --out OUT [--name NAME]
         [--max_len 4000] [--force]
+
+The files are those of task ``csv-text`` (``{OUT}/csv-text.{split}.npz``), which trains on any such folder:
+``python main_train.py --task csv-text --data_dir OUT`` (the class count comes from the meta); ``--name``
+(e.g. agnews) is kept in the meta for people.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from sat.data.prepare import (
     write_byte_task,
 )
 
+TASK = "csv-text"  # the task every CSV text data set trains as
 HEADER_NAMES = {"label", "labels", "class", "target", "sentiment", "rating", "stars", "y"}
 ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}  # round-trips any bytes
 
@@ -62,10 +67,11 @@ def _label_map(labels: set[str]) -> dict[str, int]:
 
 
 def preprocess_csv_text(train_csv: str | Path, test_csv: str | Path, out_dir: str | Path,
-                        task: str = "text-csv", max_len: int = 4000, force: bool = False) -> dict:
-    """Write ``{out_dir}/{task}.{train,dev,test}.npz`` and the meta JSON; returns the meta."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", task):
-        raise DataError(f"--task {task!r}: use letters, digits, '.', '_' and '-' only")
+                        name: str = "csv", max_len: int = 4000, force: bool = False) -> dict:
+    """Write ``{out_dir}/csv-text.{train,dev,test}.npz`` and the meta JSON (with ``name``); returns the meta."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise DataError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
+    task = TASK
     check_max_len(max_len)
     check_outputs(out_dir, task, force)
     train_path = require_file(Path(train_csv), "training CSV (--train)")
@@ -89,6 +95,6 @@ def preprocess_csv_text(train_csv: str | Path, test_csv: str | Path, out_dir: st
         fillers["dev" if i % DEV_EVERY == DEV_EVERY - 1 else "train"].add((text,), mapping[label])
     for label, text in progress(_rows(test_path), n_test, f"{task} test"):
         fillers["test"].add((text,), mapping[label])
-    meta = {"num_classes": len(mapping), "label_map": mapping,
+    meta = {"name": name, "num_classes": len(mapping), "label_map": mapping,
             "sha256": sha256_of_files([train_path, test_path]), "source": [str(train_path), str(test_path)]}
     return write_byte_task(out_dir, task, fillers, max_len, meta)
