@@ -70,7 +70,8 @@ def evaluate_run(task: str, random: int, name: str, root: str = ".", device: str
     with exit_codes():
         out = evaluate_saved_run(RunPaths.make(root, random, task, name), task, split, which, data_dir,
                                  resolve_device(device), backend)
-    print(f"{split} accuracy {out['accuracy']:.4f} (top-5 {out['top5']:.4f}) on {out['examples']} examples "
+    top5 = f" (top-5 {out['top5']:.4f})" if out.get("num_classes", 0) > 5 else ""
+    print(f"{split} accuracy {out['accuracy']:.4f}{top5} on {out['examples']} examples "
           f"({out['attention']} attention, checkpoint of step {out['checkpoint_step']}); mean batch latency "
           f"{out['mean_batch_latency_ms']:.2f} ms; peak memory {out['peak_memory_mb']:.0f} MB")
     print(json.dumps(out))

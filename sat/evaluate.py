@@ -78,5 +78,5 @@ def evaluate_saved_run(paths: RunPaths, task: str, split: str = "test", which: s
     sparse = any(layer.is_sparse for layer in model.attention_layers())
     return {"task": task, "name": paths.name, "checkpoint_step": state["step"], "split": split,
             "accuracy": res["accuracy"], "top5": res["top5"], "examples": res["examples"],
-            "mean_batch_latency_ms": res["latency_ms"],
+            "num_classes": cfg.dataset.num_classes, "mean_batch_latency_ms": res["latency_ms"],
             "peak_memory_mb": peak_memory_mb(dev), "attention": "block-sparse" if sparse else "dense"}

@@ -89,6 +89,7 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
 
     with RunLog(paths, info.is_main, progress, step, t.train_steps, cfg.task) as run:
         run.say(_describe(cfg, model, data, dev, info, len(batches)))
+        run.say(f"data: {data_dir}; logs: {paths.log_dir}; checkpoints: {paths.ckpt_dir}")
         run.monitor_charts(cfg.model.num_layers)
         model.train()
         while step < t.train_steps:
@@ -121,8 +122,9 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
             if step % t.eval_frequency == 0 or step == t.train_steps:
                 res = _validate(model, data, cfg, dev, dtype, info, step, run)
                 improved, best_acc = res["accuracy"] > best_acc, max(best_acc, res["accuracy"])
-                run.say(f"step {step}: dev accuracy {res['accuracy']:.4f} top-5 {res['top5']:.4f} "
-                        f"loss {res['loss']:.4f} ({phase})" + (" *best*" if improved else ""))
+                top5 = f" top-5 {res['top5']:.4f}" if cfg.dataset.num_classes > 5 else ""
+                run.say(f"step {step}: dev accuracy {res['accuracy']:.4f}{top5} loss {res['loss']:.4f} "
+                        f"({_eval_phase(scheduler)})" + (" *best*" if improved else ""))
                 if info.is_main:
                     state = _checkpoint(cfg, data, data_dir, model, optimizer, scheduler, batches, scaler, mixer,
                                         step, best_acc, timing)
@@ -283,6 +285,13 @@ def data_parallel(model: nn.Module, cfg: TaskConfig, sparse: bool) -> nn.Module:
     return DistributedDataParallel(model, device_ids=None, find_unused_parameters=unused)
 
 
+def _eval_phase(scheduler: TransitionScheduler) -> str:
+    """Which attention an evaluation ran with; at the switch step it ran after the switch."""
+    if scheduler.sparse:
+        return f"sparse, switched at step {scheduler.transition_step}"
+    return "dense"
+
+
 def _describe(cfg: TaskConfig, model: nn.Module, data: TaskData, dev: torch.device, info: distributed.DistInfo,
               per_epoch: int) -> str:
     t, s = cfg.training, data.splits
@@ -355,10 +364,13 @@ def _summarize(cfg, paths, data, dev, dtype, backend, info, scheduler, step, tim
         "block_size": cfg.sparsity.block_size, "seq_len": cfg.dataset.max_seq_len, "device": str(dev),
     }
     atomic_write_text(paths.summary, json.dumps(summary, indent=2) + "\n")
-    run.say(f"test accuracy {test['accuracy']:.4f}, top-5 {test['top5']:.4f} "
-            f"(best dev checkpoint of step {best['step']}; majority class "
-            f"{majority:.4f}); transition step {scheduler.transition_step} ({scheduler.transition_reason}); "
-            f"summary {paths.summary}")
+    top5 = f", top-5 {test['top5']:.4f}" if cfg.dataset.num_classes > 5 else ""
+    if scheduler.transition_step is None:
+        switched = "attention stayed dense" + (" (--no_switch)" if not cfg.sparsity.enabled else "")
+    else:
+        switched = f"switched to sparse at step {scheduler.transition_step} ({scheduler.transition_reason})"
+    run.say(f"test accuracy {test['accuracy']:.4f}{top5} (best dev checkpoint of step {best['step']}; majority "
+            f"class {majority:.4f}); {switched}; summary {paths.summary}")
     return summary
 
 
