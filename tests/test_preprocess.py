@@ -384,3 +384,5 @@ def test_csv_text_trains_as_a_task(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "logs" / "log-1001" / "csv-text" / "ag.summary.json").read_text())
     assert summary["task"] == "csv-text" and summary["transition_step"] == 2
+    log = (tmp_path / "logs" / "log-1001" / "csv-text" / "ag.log").read_text()
+    assert "dev accuracy" in log and "top-5" not in log  # 4 classes: no top-5 in the text

@@ -44,6 +44,8 @@ def test_recall_is_reported_and_changes_nothing(tmp_path, data):
     assert rec["layers"][0]["curve"]["0.5"] >= rec["layers"][0]["curve"]["0.1"]
     assert one["layout_recall"] != three["layout_recall"]  # ... but it measures on them
     assert "layer 1 layout recall" in log and "mean layout recall" in log
+    assert "step 5: dev accuracy" in log and "(sparse, switched at step 5)" in log  # evaluated after the switch
+    assert "None" not in log and "switched to sparse at step 5 (forced)" in log
     assert one["pattern"] == "learned" and len(rec["density_per_layer"]) == 2
 
 
