@@ -39,7 +39,7 @@ class EncoderBlock(nn.Module):
 
     recompute="sparse": once the attention is block-sparse, training steps keep only the block's input and
     rebuild its activations, one block at a time, in the backward (the generator state is replayed, so dropout
-    draws the same masks): less memory for ~45% more time per sparse step at the lra-image shapes.
+    draws the same masks): less memory for more time per sparse step (bench/results/history.md).
     """
 
     def __init__(self, dim: int, hidden: int, attention: Attention, dropout: float = 0.0, mlp: str = "dense",
