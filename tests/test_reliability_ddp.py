@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from preprocess.create_listops import preprocess_listops
 from sat.checkpoint import load_checkpoint
-from sat.data.listops import generate_listops
+from sat.data.listops import generate_listops, preprocess_listops
 from tests.conftest import ROOT
 
 try:
@@ -53,9 +52,10 @@ SETS = [
     "model.attn_dropout=0.0",
     'model.mlp="monarch"',
     "model.nblocks=2",
-    "sparsity.s2d_fraction=0.625",
+    "sparsity.s2d_fraction=0.5",
 ]
-# the switch comes from the monitor's criteria (not forced), from the rank-averaged attention maps
+# the switch comes from the monitor's criteria (not forced), from the rank-averaged attention maps: on this data
+# it fires at step 16 for any sk in 0.45-0.47 (measured), after the densify at step 12
 ARGS = [
     "--task",
     "lra-listops",
@@ -64,7 +64,7 @@ ARGS = [
     "--max_dense_steps",
     "0",
     "--sk",
-    "0.55",
+    "0.46",
     "--ds",
     "60",
     "--random",
@@ -185,11 +185,11 @@ def test_dead_rank_stops_the_run_and_resume_keeps_ranks_together(data, tmp_path)
     r = subprocess.run(torchrun(ref_root, data), capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-5000:]
     ref = events(r.stderr)
-    assert ref["sparsify"][0] == ref["sparsify"][1] > 15 and ref["densify"] == {0: 15, 1: 15}, ref
+    assert ref["sparsify"][0] == ref["sparsify"][1] > 13 and ref["densify"] == {0: 12, 1: 12}, ref
     full = losses(ref_root)
 
     root = tmp_path / "run"
-    for victim, step in ((1, 9), (0, 17)):  # rank 1 dies before both transitions, rank 0 between them
+    for victim, step in ((1, 9), (0, 13)):  # rank 1 dies before both transitions, rank 0 between them
         resume = ["--resume"] if step > 9 else []
         d = kill_rank_after(root, data, victim, step, *resume)
         assert d.returncode != 0
@@ -211,6 +211,6 @@ def test_dead_rank_stops_the_run_and_resume_keeps_ranks_together(data, tmp_path)
     assert got["sparsify"] == ref["sparsify"], got  # both ranks, the same step, that of the uninterrupted run
     assert "densify" not in got  # it happened before the last interruption and was restored, not repeated
     s = json.loads((run_dir(root) / "ddp.summary.json").read_text())
-    assert (s["transition_step"], s["densify_step"], s["world_size"]) == (ref["sparsify"][0], 15, 2)
+    assert (s["transition_step"], s["densify_step"], s["world_size"]) == (ref["sparsify"][0], 12, 2)
     assert losses(root) == full
     assert not list((root / "checkpoints").rglob("*.tmp"))
