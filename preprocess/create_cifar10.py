@@ -1,13 +1,6 @@
 """CIFAR-10 -> processed lra-image data: grayscale pixels as 1024 ids (0-255, no padding).
 
-Reads the binary release ``RAW/cifar-10-batches-bin/data_batch_{1..k}.bin`` and ``test_batch.bin`` (each
-record: 1 label byte, then 3072 bytes of R, G, B planes of 32x32). Grayscale the way LRA did, in float64:
-``gray = trunc(255.5 * (0.2989 R + 0.5870 G + 0.1140 B) / 255)``. Dev is the last 10% (floor) of the
-training batches concatenated in order, train the rest (45000 / 5000 for the full release); test is
-test_batch. Lengths are all 1024: 0 is a real (black) pixel here, not padding.
-
-The python-pickle release (``cifar-10-batches-py``) is read only with ``--allow-pickle``: unpickling can run
-arbitrary code, so use it only for files you trust.
+A command line over sat.data.prepare.cifar10, whose docstring says what is read and written:
 
     python -m preprocess.create_cifar10 --raw RAW --out OUT [--force] [--allow-pickle]
 """

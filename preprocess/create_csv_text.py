@@ -1,15 +1,8 @@
 """Generic byte-level text classification from CSV files (AG News, Yelp, ...) -> processed data.
 
-Each row is ``label,text[,more text...]``: the first column is the label, the remaining columns are joined
-with a space (AG News: title and description). A first row whose label is a column name (label, class, target,
-sentiment, rating, stars, y) is a header and skipped. Labels: the sorted distinct training label values
-(numerically when all are integers, e.g. AG News' 1..4) map to 0..C-1; the mapping is stored in the meta as
-"label_map" and a test label unseen in training is an error. Texts become byte + 1 ids (0 = padding)
-truncated to ``max_len`` bytes; empty texts are skipped and counted. Dev is every 10th training row
-(index % 10 == 9), train the rest. Each file is read twice (labels and count, then fill).
+A command line over sat.data.prepare.csv_text, whose docstring says what is read and written:
 
     python -m preprocess.create_csv_text --train train.csv --test test.csv --out OUT [--name NAME]
-        [--max_len 4000] [--force]
     python main_train.py --task csv-text --data_dir OUT
 """
 

@@ -1,14 +1,6 @@
 """Pathfinder -> processed lra-pathfinder data: grayscale PNG pixels as ids 0-255 (no padding).
 
-Reads ``RAW/pathfinder32/{difficulty}/metadata/*.npy``: despite the suffix these are text files, one image per
-line, whitespace-separated ``imgs/{dir} {file} ... label`` with the label (0/1) in the 4th field; the image is
-``RAW/pathfinder32/{difficulty}/imgs/{dir}/{file}``, a 32x32 grayscale PNG, flattened row by row to 1024 ids.
-
-Order and split: metadata files in natural name order (0.npy, 1.npy, ..., 10.npy), lines in file order; that
-list is shuffled with ``numpy.random.default_rng(0).permutation`` and cut 80/10/10 into train/dev/test (dev
-and test get floor(n/10) each). An image listed but missing is skipped and counted (meta "skipped_missing");
-a metadata line with fewer than 4 fields or a label other than 0/1 is an error, as is an unreadable image or
-one of the wrong size.
+A command line over sat.data.prepare.pathfinder, whose docstring says what is read and written:
 
     python -m preprocess.create_pathfinder --raw RAW --out OUT [--difficulty curv_baseline] [--force]
 """

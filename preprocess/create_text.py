@@ -1,10 +1,6 @@
 """IMDB reviews (aclImdb) -> processed lra-text data, byte-level.
 
-Reads ``RAW/aclImdb/{train,test}/{neg,pos}/*.txt`` (labels neg=0, pos=1). Ids are byte + 1 (0 = padding),
-truncated to ``max_len`` bytes (default 4000). Order: neg files then pos files, each sorted by name. The dev
-split is every 10th training review in that order (index % 10 == 9: exactly 10% of each class when the
-class sizes are multiples of 10), train is the rest, test is ``aclImdb/test``. Empty reviews are skipped and
-counted (meta "skipped_empty").
+A command line over sat.data.prepare.text, whose docstring says what is read and written:
 
     python -m preprocess.create_text --raw RAW --out OUT [--max_len 4000] [--force]
 """
