@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from sat.checkpoint import CheckpointError
@@ -107,6 +108,21 @@ def _lost_peer(e: BaseException) -> bool:
         or "remote worker" in text or "NCCL" in text)
 
 
+def _release_frames(e: BaseException | None) -> None:
+    """Clear the frames of a failed run's traceback and of the exceptions it chains. They hold the DDP
+    wrapper, which holds the process group: freed only after `distributed.shutdown`, its reducer would
+    destroy the group with the GIL held and wait forever for a gloo worker that needs the GIL to release
+    the last collective. Freed here, while the group still exists, shutdown destroys the group itself."""
+    todo, seen = [e], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)  # frames still running (this one) are left alone
+        todo += [e.__cause__, e.__context__]
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.mode == "eval":
@@ -150,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         die(f"rank {os.environ.get('RANK', '0')}: another rank stopped ({first}); the last checkpoint is kept: "
             f"start every rank again with --resume", code=1)
     finally:
+        _release_frames(sys.exc_info()[1])  # the exception on its way out, if any
         distributed.shutdown()
     return 0
 
