@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from sat.cli import evaluate_run, exit_codes
@@ -83,6 +84,21 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
     return o
 
 
+def release_frames(e: BaseException | None) -> None:
+    """Clear the frames of a failed run's traceback and of the exceptions it chains. They hold the DDP
+    wrapper, which holds the process group: freed only after `distributed.shutdown`, its reducer would
+    destroy the group with the GIL held and wait forever for a gloo worker that needs the GIL to release
+    the last collective. Freed here, while the group still exists, shutdown destroys the group itself."""
+    todo, seen = [e], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)  # frames still running (this one) are left alone
+        todo += [e.__cause__, e.__context__]
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.mode == "eval":
@@ -112,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg, paths, data_dir, device=device, backend=a.backend, seed=a.random, resume=a.resume,
                   progress=not a.no_progress, stop_at=a.stop_at)
     finally:
+        release_frames(sys.exc_info()[1])  # the exception on its way out, if any
         distributed.shutdown()
     return 0
 

@@ -44,8 +44,23 @@ def init_from_env(device: str) -> tuple[DistInfo, str]:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
+        _bind_group_defaults_early()
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://")
     return DistInfo(rank, world, local), str(dev)
+
+
+def _bind_group_defaults_early() -> None:
+    """Import torch.distributed.nn.functional while no process group exists.
+
+    Its functions bind `group=group.WORLD` as default arguments when the module is imported. DDP's
+    constructor imports it (through torch._dynamo), and imported after init_process_group those defaults
+    would hold the live group for the life of the process: `destroy_process_group` then leaves the backend
+    and its worker threads running into interpreter shutdown, where a worker that is still releasing the
+    last collective (its tensors and captured thread state hold Python objects) needs the GIL, is ended
+    by Python with pthread_exit and aborts the process ("terminate called without an active exception").
+    Imported first, the defaults are None (the default group at call time), and `shutdown` really
+    destroys the group: its threads are joined while Python is fully alive."""
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 def current() -> DistInfo:
@@ -55,6 +70,9 @@ def current() -> DistInfo:
 
 
 def shutdown() -> None:
+    """Destroy the process group; its backend's threads are joined here, while Python is fully alive (see
+    `_bind_group_defaults_early`). Free the DDP wrappers before: a group whose last holder is a DDP reducer
+    is destroyed with the GIL held, and can wait forever for a backend worker that needs the GIL."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
