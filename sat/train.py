@@ -60,8 +60,9 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
     `resume` continues from the last checkpoint."""
     # set-up: data, model, optimizer, transition scheduler; a checkpoint's state on --resume
     dev, info = torch.device(device), distributed.current()
+    dtype = amp_dtype(cfg, dev)
     try:  # a backend that cannot run this model is a one-line error now, not a crash at the switch
-        check_backend(backend, amp_dtype(cfg, dev) or torch.float32, cfg.sparsity.block_size, cfg.model.head_dim,
+        check_backend(backend, dtype or torch.float32, cfg.sparsity.block_size, cfg.model.head_dim,
                       cfg.training.batch_size * (2 if cfg.dataset.two_inputs else 1), dev, cfg.model.num_heads)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -73,10 +74,9 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
     model = build_model(cfg, data.vocab_size, backend).to(dev)
     scheduler = TransitionScheduler(cfg.sparsity, cfg.model.num_layers, t.train_steps,
                                     has_monarch=cfg.model.mlp == "monarch",
-                                    probe=_recall_probe(data, cfg, dev, amp_dtype(cfg, dev)))
+                                    probe=_recall_probe(data, cfg, dev, dtype))
     optimizer = make_optimizer(model, cfg)
     mixer = make_mixer(cfg, seed + info.rank)
-    dtype = amp_dtype(cfg, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
     step, best_acc, timing = 0, -1.0, {"dense_time": 0.0, "dense_steps": 0, "sparse_time": 0.0, "sparse_steps": 0}
     if resume:

@@ -313,16 +313,17 @@ def read_release_split(path: Path, max_len: int, desc: str = "") -> Split:
 
 
 def preprocess_listops(raw_dir: str | Path, out_dir: str | Path, max_len: int = 2000,
-                       force: bool = False) -> dict:
+                       force: bool = False, extra_meta: dict | None = None) -> dict:
     """Release TSVs (``RAW/listops-1000/basic_{train,val,test}.tsv``, or RAW itself holding them; val becomes
-    dev) -> ``{out_dir}/lra-listops.{train,dev,test}.npz`` and the meta JSON; returns the meta."""
+    dev) -> ``{out_dir}/lra-listops.{train,dev,test}.npz`` and the meta JSON (with ``extra_meta`` added);
+    returns the meta."""
     check_max_len(max_len)
     check_outputs(out_dir, TASK, force)
     folder = release_folder(Path(raw_dir), "listops-1000", SPLIT_FILES["train"])
     paths = {raw: require_file(folder / name, f"ListOps {raw} split") for raw, name in SPLIT_FILES.items()}
     splits = {RAW_TO_SPLIT[raw]: read_release_split(p, max_len, f"{TASK} {raw}") for raw, p in paths.items()}
     meta = {"vocab_size": len(VOCAB), "max_len": max_len, "num_classes": NUM_CLASSES, "vocab": list(VOCAB),
-            "tokens": TOKENS, "sha256": sha256_of_files(paths.values()), "source": str(folder)}
+            "tokens": TOKENS, "sha256": sha256_of_files(paths.values()), "source": str(folder), **(extra_meta or {})}
     return write_task(out_dir, TASK, splits, meta)
 
 

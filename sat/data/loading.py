@@ -19,7 +19,7 @@ from typing import Any
 from sat.config import ConfigError, TaskConfig, validate
 from sat.data import listops
 from sat.data.batch import Batch
-from sat.data.format import DataError, Split, load_meta, load_split, save_meta
+from sat.data.format import DataError, Split, load_meta, load_split
 from sat.data.lra import LRALoader, check_split
 
 
@@ -47,8 +47,9 @@ def prepare_data(cfg: TaskConfig, data_dir: Path) -> None:
         listops.generate_listops(raw, force=True, **gen)
     except ValueError as e:  # e.g. a length range the generator keeps missing
         raise ConfigError(f"dataset.generate: {e}; widen min_len..max_len") from e
-    meta = listops.preprocess_listops(raw, data_dir, max_len=cfg.dataset.max_seq_len, force=True)
-    save_meta(data_dir, cfg.task, {**meta, "generate": gen})  # what it was made from, checked on the next run
+    # what it was made from goes into the meta, checked on the next run
+    listops.preprocess_listops(raw, data_dir, max_len=cfg.dataset.max_seq_len, force=True,
+                               extra_meta={"generate": gen})
 
 
 @dataclass
