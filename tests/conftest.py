@@ -9,6 +9,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def small_listops(root: Path, n_train: int = 40, n_val: int = 8, n_test: int = 8, seed: int = 2) -> Path:
+    """Generated ListOps (20 < length < 60, processed to N=64) under `root`; returns the processed folder."""
+    from sat.data.listops import generate_listops, preprocess_listops
+
+    generate_listops(root / "raw", n_train=n_train, n_val=n_val, n_test=n_test, min_len=20, max_len=60, seed=seed)
+    preprocess_listops(root / "raw", root / "data", max_len=64)
+    return root / "data"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -19,8 +19,7 @@ import pytest
 import torch
 
 from sat.checkpoint import load_checkpoint, save_checkpoint
-from sat.data.listops import generate_listops, preprocess_listops
-from tests.conftest import ROOT
+from tests.conftest import ROOT, small_listops
 
 TASK, SEED = "lra-listops", 5
 SMALL = [
@@ -138,10 +137,7 @@ def no_temporaries(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("listops")
-    generate_listops(root / "raw", n_train=24, n_val=6, n_test=6, min_len=20, max_len=60, seed=4)
-    preprocess_listops(root / "raw", root / "data", max_len=64)
-    return root / "data"
+    return small_listops(tmp_path_factory.mktemp("listops"), 24, 6, 6, seed=4)
 
 
 @pytest.fixture

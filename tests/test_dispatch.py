@@ -13,12 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from preprocess.create_listops import preprocess_listops
-from sat.data.listops import generate_listops
 from sat.kernels import block_sparse_attention, check_backend, fp32_matmul_precision, reference_attention
 from sat.kernels import triton_support as ts
 from sat.kernels.triton_support import launch_config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, small_listops
 from tests.test_bad_input import SMALL, nothing_written, refused
 
 CUDA = torch.device("cuda")
@@ -178,10 +176,7 @@ def test_launch_config_tiles_fit_the_kernels(cap, dtype, precision, block, head_
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("listops")
-    generate_listops(root / "raw", n_train=24, n_val=6, n_test=6, min_len=20, max_len=60, seed=4)
-    preprocess_listops(root / "raw", root / "data", max_len=64)
-    return root / "data"
+    return small_listops(tmp_path_factory.mktemp("listops"), 24, 6, 6, seed=4)
 
 
 def _train(tmp_path: Path, data: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:

@@ -11,8 +11,7 @@ import weakref
 
 import pytest
 
-from sat.data.listops import generate_listops, preprocess_listops
-from tests.conftest import ROOT
+from tests.conftest import ROOT, small_listops
 
 SETS = ['model.mlp="monarch"', "model.nblocks=2", "sparsity.s2d_fraction=0.625", "model.num_layers=2",
         "model.dim=16", "model.hidden_dim=32", "model.head_dim=8", "training.batch_size=4",
@@ -22,8 +21,7 @@ SETS = ['model.mlp="monarch"', "model.nblocks=2", "sparsity.s2d_fraction=0.625",
 
 @pytest.mark.slow
 def test_lra_two_ranks_take_transitions_together(tmp_path):
-    generate_listops(tmp_path / "raw", n_train=40, n_val=8, n_test=8, min_len=20, max_len=60, seed=2)
-    preprocess_listops(tmp_path / "raw", tmp_path / "data", max_len=64)
+    small_listops(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(ROOT / "main_train.py"), "--task", "lra-listops", "--train_steps", "24",

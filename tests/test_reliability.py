@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from sat.checkpoint import load_checkpoint, save_checkpoint
-from sat.data.listops import generate_listops, preprocess_listops
-from tests.conftest import ROOT
+from tests.conftest import ROOT, small_listops
 
 STEPS, SWITCH, DENSIFY, SEED = 24, 8, 15, 3
 ARGS = [
@@ -53,10 +52,7 @@ ARGS = [
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("listops")
-    generate_listops(root / "raw", n_train=40, n_val=8, n_test=8, min_len=20, max_len=60, seed=2)
-    preprocess_listops(root / "raw", root / "data", max_len=64)
-    return root / "data"
+    return small_listops(tmp_path_factory.mktemp("listops"), 40, 8, 8, seed=2)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from sat.checkpoint import load_checkpoint
-from sat.data.listops import generate_listops, preprocess_listops
-from tests.conftest import ROOT
+from tests.conftest import ROOT, small_listops
 
 try:
     import torch.distributed as dist
@@ -83,10 +82,7 @@ EVENT = re.compile(r"rank (\d)/2: (sparsify|densify) at step (\d+)")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("listops")
-    generate_listops(root / "raw", n_train=40, n_val=8, n_test=8, min_len=20, max_len=60, seed=2)
-    preprocess_listops(root / "raw", root / "data", max_len=64)
-    return root / "data"
+    return small_listops(tmp_path_factory.mktemp("listops"), 40, 8, 8, seed=2)
 
 
 def torchrun(root: Path, data: Path, *extra: str) -> list[str]:

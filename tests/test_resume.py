@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from sat.data.listops import generate_listops, preprocess_listops
-from tests.conftest import ROOT
+from tests.conftest import ROOT, small_listops
 
 STEPS = 24
 ARGS = ["--task", "lra-listops", "--train_steps", str(STEPS), "--max_dense_steps", "8", "--random", "3",
@@ -21,10 +20,7 @@ ARGS = ["--task", "lra-listops", "--train_steps", str(STEPS), "--max_dense_steps
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("listops")
-    generate_listops(root / "raw", n_train=40, n_val=8, n_test=8, min_len=20, max_len=60, seed=2)
-    preprocess_listops(root / "raw", root / "data", max_len=64)
-    return root / "data"
+    return small_listops(tmp_path_factory.mktemp("listops"), 40, 8, 8, seed=2)
 
 
 def train(root, data, name, *extra):

@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from sat.data.listops import generate_listops, preprocess_listops
-from tests.conftest import ROOT
+from tests.conftest import ROOT, small_listops
 
 ARGS = ["--task", "lra-listops", "--train_steps", "10", "--max_dense_steps", "5", "--random", "4", "--no_progress",
         "--backend", "torch", "--set=model.num_layers=2", "--set=model.dim=16", "--set=model.hidden_dim=32",
@@ -19,10 +18,7 @@ ARGS = ["--task", "lra-listops", "--train_steps", "10", "--max_dense_steps", "5"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("listops")
-    generate_listops(root / "raw", n_train=40, n_val=12, n_test=8, min_len=20, max_len=60, seed=3)
-    preprocess_listops(root / "raw", root / "data", max_len=64)
-    return root / "data"
+    return small_listops(tmp_path_factory.mktemp("listops"), 40, 12, 8, seed=3)
 
 
 def run(root, data, name, *extra) -> tuple[dict, list[str], str]:
