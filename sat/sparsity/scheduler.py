@@ -1,7 +1,8 @@
 """The one owner of every transition, asked once per training step.
 
 Ordered transitions: (1) attention sparsify, fired by the monitor's criteria (docs/switch.md) or forced at
-`max_dense_steps`; it freezes each layer's pattern, installs the top-k layouts and scales the learning rate;
+`max_dense_steps`; it freezes each layer's pattern, installs the top-k (or coverage) layouts, measures their
+recall and scales the learning rate;
 (2) MLP densify (S2D), at `s2d_fraction` of the steps when the model has Monarch MLPs. Steps are counted as
 optimizer steps completed: a transition recorded at step t takes effect from step t + 1 on.
 """
