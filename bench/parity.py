@@ -39,7 +39,25 @@ def run(root: Path, task: str, preset: str, seed: int, mode: str, extra: list[st
                     "--data_dir", str(root / "data"), *MODES[mode], *extra], check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     summary = json.loads((root / "logs" / f"log-{seed}" / task / f"{name}.summary.json").read_text())
-    return {**summary, "wall_s": wall, "seed": seed}
+    return {**summary, "wall_s": wall, "seed": seed, "mode": mode}
+
+
+def cached_run(root: Path, task: str, preset: str, seed: int, mode: str, extra: list[str]) -> dict:
+    """One run, or its record from an earlier invocation with the same --root (runs.jsonl), so that an
+    interrupted comparison continues where it stopped; every finished run is printed as it ends."""
+    done = root / "runs.jsonl"
+    if done.exists():
+        for line in done.read_text().splitlines():
+            r = json.loads(line)
+            if r["seed"] == seed and r["mode"] == mode:
+                return r
+    r = run(root, task, preset, seed, mode, extra)
+    with done.open("a") as f:
+        f.write(json.dumps(r) + "\n")
+    rec = (r.get("layout_recall") or {}).get("mean")
+    print(f"{mode} seed {seed}: test {100 * r['test_accuracy']:.2f}%, {r['wall_s']:.1f} s, switch "
+          f"{r['transition_step'] or '-'}, recall {'-' if rec is None else f'{rec:.3f}'}", flush=True)
+    return r
 
 
 def sd(xs: list[float]) -> float:
@@ -101,7 +119,8 @@ def main() -> None:
                    help="seeds for the modes after the default one (default: --seeds)")
     p.add_argument("--modes", nargs="+", default=["dense", "learned"], choices=list(MODES))
     p.add_argument("--set", action="append", default=[], help="extra --set for every run")
-    p.add_argument("--root", help="work folder (default: a temporary one)")
+    p.add_argument("--root", help="work folder (default: a temporary one); runs already recorded in its "
+                   "runs.jsonl are not run again")
     p.add_argument("--out", help="also write the table to this file")
     a = p.parse_args()
     root = Path(a.root or tempfile.mkdtemp(prefix="sat-parity-"))
@@ -116,10 +135,10 @@ def main() -> None:
     for seed in a.seeds:
         for mode in a.modes:
             if mode == "dense" or mode == autos[0]:
-                results[mode].append(run(root, a.task, a.preset, seed, mode, extra))
+                results[mode].append(cached_run(root, a.task, a.preset, seed, mode, extra))
     for seed in (a.seeds if a.extra_seeds is None else a.extra_seeds):
         for mode in autos[1:]:
-            results[mode].append(run(root, a.task, a.preset, seed, mode, extra))
+            results[mode].append(cached_run(root, a.task, a.preset, seed, mode, extra))
     text = report(a.task, a.preset, results)
     print(text)
     if a.out:

@@ -30,3 +30,19 @@ def test_report_pairs_seeds_and_reports_ratio():
     assert "learned - dense (paired, 2 seeds): +0.00 points" in text
     assert "per seed -1.0, +1.0" in text and "wall-time ratio dense/learned 2.00x" in text
     assert "0.600" in text  # mean recall of the learned runs
+
+
+def test_cached_run_records_each_run_and_does_not_repeat_it(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(root, task, preset, seed, mode, extra):
+        calls.append((seed, mode))
+        return {**result(seed, 0.5, 10.0), "mode": mode}
+
+    monkeypatch.setattr(parity, "run", fake_run)
+    first = parity.cached_run(tmp_path, "lra-listops", "quick", 7, "dense", [])
+    again = parity.cached_run(tmp_path, "lra-listops", "quick", 7, "dense", [])
+    other = parity.cached_run(tmp_path, "lra-listops", "quick", 7, "coverage", [])
+    assert calls == [(7, "dense"), (7, "coverage")]
+    assert again == first and other["mode"] == "coverage"
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
