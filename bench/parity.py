@@ -73,6 +73,13 @@ def ci95(xs: list[float]) -> tuple[float, float]:
     return m, T95.get(n - 1, 1.96) * statistics.stdev(xs) / math.sqrt(n)
 
 
+def tested_phase(r: dict) -> str:
+    """Which phase trained the checkpoint the test accuracy comes from (the best dev one): an evaluation at the
+    switch step already runs sparse, but its weights were trained dense up to there."""
+    step, best = r.get("transition_step"), r.get("best_step")
+    return "sparse" if step and best is not None and best > step else "dense"
+
+
 def report(task: str, preset: str, results: dict[str, list[dict]]) -> str:
     lines = [f"{task} --preset {preset}: test accuracy (%), wall time (s), switch, layout recall, density used"]
     lines.append(f"{'mode':<10}{'seeds':>6}{'acc mean':>10}{'± sd':>7}{'wall mean':>11}{'± sd':>7}"
@@ -88,6 +95,10 @@ def report(task: str, preset: str, results: dict[str, list[dict]]) -> str:
                      f"{statistics.mean(wall):>11.1f}{sd(wall):>7.1f}"
                      f"{statistics.mean(recall) if recall else math.nan:>8.3f}"
                      f"{statistics.mean(dens) if dens else math.nan:>9.3f}  {switches}")
+        if mode != "dense":
+            sparse = sum(tested_phase(r) == "sparse" for r in rs)
+            lines.append(f"{'':<10}{sparse} of {len(rs)} tested checkpoints trained past the switch (the test "
+                         f"accuracy of the others is a dense-phase model's)")
     dense = {r["seed"]: r for r in results.get("dense", [])}
     for mode, rs in results.items():
         paired = [(r, dense[r["seed"]]) for r in rs if mode != "dense" and r["seed"] in dense]
@@ -99,12 +110,14 @@ def report(task: str, preset: str, results: dict[str, list[dict]]) -> str:
         lines.append(f"{mode} - dense (paired, {len(paired)} seeds): {m:+.2f} points, 95% CI [{m - h:+.2f}, "
                      f"{m + h:+.2f}]; per seed {', '.join(f'{x:+.1f}' for x in diff)}; wall-time ratio dense/{mode} "
                      f"{ratio:.2f}x")
-    lines.append("per run: seed mode test% wall_s switch recall density steps/s(dense, sparse)")
+    lines.append("per run: seed mode test% wall_s switch best-dev-step(tested phase) recall density "
+                 "steps/s(dense, sparse)")
     for mode, rs in results.items():
         for r in rs:
             rec = (r.get("layout_recall") or {}).get("mean")
             lines.append(f"  {r['seed']} {mode:<9} {100 * r['test_accuracy']:.2f} {r['wall_s']:.1f} "
-                         f"{r['transition_step'] or '-'} {'-' if rec is None else f'{rec:.3f}'} "
+                         f"{r['transition_step'] or '-'} {r.get('best_step', '-')}({tested_phase(r)}) "
+                         f"{'-' if rec is None else f'{rec:.3f}'} "
                          f"{r['density_used'] or '-'} ({r['dense_steps_per_sec'] or '-'}, "
                          f"{r['sparse_steps_per_sec'] or '-'})")
     return "\n".join(lines)

@@ -46,3 +46,14 @@ def test_cached_run_records_each_run_and_does_not_repeat_it(tmp_path, monkeypatc
     assert calls == [(7, "dense"), (7, "coverage")]
     assert again == first and other["mode"] == "coverage"
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+
+
+def test_report_says_which_tested_checkpoints_were_trained_sparse():
+    dense = {**result(1, 0.40, 100.0), "best_step": 500}
+    early = {**result(1, 0.41, 60.0, 300, 0.9, 0.2), "best_step": 1250}  # best after the switch
+    late = {**result(2, 0.40, 90.0, 1000, 0.9, 0.2), "best_step": 500}  # best before: a dense model
+    assert parity.tested_phase(early) == "sparse" and parity.tested_phase(late) == "dense"
+    assert parity.tested_phase({**late, "best_step": 1000}) == "dense"  # evaluated at the switch step
+    text = parity.report("lra-listops", "quick", {"dense": [dense], "coverage": [early, late]})
+    assert "1 of 2 tested checkpoints trained past the switch" in text
+    assert "1250(sparse)" in text and "500(dense)" in text
