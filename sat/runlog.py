@@ -11,8 +11,10 @@ stopped at --stop_at or raised. Under torchrun only rank 0 writes; other ranks g
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,25 @@ class RunPaths:
     @property
     def last(self) -> Path:
         return self.ckpt_dir / f"{self.name}.last.model"
+
+    def artefacts(self) -> list[Path]:
+        """Everything a run of this name writes: a run name is one run, so any of these marks it as taken."""
+        return [self.text_log, self.tensorboard, self.losses, self.summary, self.best, self.last]
+
+    def existing(self) -> list[Path]:
+        return [p for p in self.artefacts() if p.exists() or p.is_symlink()]
+
+    def remove(self) -> list[Path]:
+        """Delete this run's artefacts (--overwrite), and the temporary files a killed write of them left;
+        returns what existed. Only paths named after this run: other runs in the same folders are untouched."""
+        found = self.existing()
+        leftovers = [t for p in self.artefacts() for t in p.parent.glob(f".{glob.escape(p.name)}.*.tmp")]
+        for p in found + leftovers:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+        return found
 
 
 class RunLog:
