@@ -5,7 +5,8 @@
     python main_train.py --task imagenet-vit-s --data_dir /data/imagenet --amp bf16
     torchrun --nproc_per_node=8 main_train.py --task imagenet-vit-s --data_dir /data/imagenet  # 8 GPUs
 
-Exit codes: 0 success, 2 bad usage or bad input (one-line error), 1 a failure during training.
+Exit codes: 0 success, 2 bad usage or bad input (one-line error), 1 a failure during training, 130 / 143 stopped
+by SIGINT (Ctrl-C) / SIGTERM after saving a checkpoint (continue with --resume).
 """
 
 from __future__ import annotations
@@ -48,9 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision (auto = bf16 on CUDA, off on CPU)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "reference"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto = cuda when available)")
-    p.add_argument("--resume", action="store_true", help="continue the last checkpoint of this --name")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the last checkpoint of this --name, with the settings it was trained with")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier run of this --name (its logs and checkpoints) and start again")
     p.add_argument("--root", default=".", help="where logs/ and checkpoints/ go")
-    p.add_argument("--stop_at", type=int, default=0, help="stop after N steps, as an interruption would (tests)")
+    p.add_argument("--stop_at", type=int, default=0,
+                   help="stop after N steps with a checkpoint, as an interruption would (tests)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (plain lines)")
     return p
 
@@ -106,30 +111,42 @@ def main(argv: list[str] | None = None) -> int:
     from sat import distributed
     from sat.data.loading import default_data_dir, prepare_data
     from sat.device import resolve_device
+    from sat.interrupt import STOP, Interrupted
     from sat.runlog import RunPaths
+    from sat.runs import check_run_name, resumed_config
     from sat.train import train
 
+    STOP.install()  # SIGINT/SIGTERM: the loop finishes its step, saves a checkpoint and exits 130/143
     try:
         with exit_codes(training=True):
-            cfg = load_config(a.task, a.preset, overrides_from_args(a))
-            device = resolve_device(a.device)
-            data_dir = Path(a.data_dir) if a.data_dir else default_data_dir(cfg, a.root)
             if Path(a.root).exists() and not Path(a.root).is_dir():
                 die(f"--root {a.root} is not a folder; pass the folder that holds (or will hold) logs/ and "
                     f"checkpoints/")
             paths = RunPaths.make(a.root, a.random, a.task, a.name)
-            if not a.resume and paths.last.exists():
-                die(f"a run named {a.name!r} already exists at {paths.last}; pass --resume to continue it or "
-                    f"choose another --name")
+            check_run_name(paths, a.resume, a.overwrite, a.root)
+            if a.resume:  # the run's own settings; flags may only repeat them
+                cfg, saved_data_dir = resumed_config(paths, a.task, a.preset, overrides_from_args(a))
+                data_dir = Path(a.data_dir) if a.data_dir else saved_data_dir
+            else:
+                cfg = load_config(a.task, a.preset, overrides_from_args(a))
+                data_dir = Path(a.data_dir) if a.data_dir else default_data_dir(cfg, a.root)
+            device = resolve_device(a.device)
             info, device = distributed.init_from_env(device)  # under torchrun: join the group, one GPU per rank
             if a.data_dir is None and info.is_main:
                 prepare_data(cfg, data_dir)
             distributed.barrier()
             train(cfg, paths, data_dir, device=device, backend=a.backend, seed=a.random, resume=a.resume,
-                  progress=not a.no_progress, stop_at=a.stop_at)
+                  progress=not a.no_progress, stop_at=a.stop_at, overwrite=a.overwrite)
+    except Interrupted as e:  # the one line is printed by train() once a step has run
+        release_frames(e)
+        if not e.said and distributed.current().is_main:
+            print("interrupted before training resumed; continue with --resume" if a.resume else
+                  "interrupted before the first training step; nothing to resume", flush=True)
+        return e.code
     finally:
         release_frames(sys.exc_info()[1])  # the exception on its way out, if any
         distributed.shutdown()
+        STOP.uninstall()
     return 0
 
 
