@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.mode == "eval":
         return evaluate_run(a.task, a.random, a.name, a.root, a.device, a.backend, data_dir=a.data_dir)
     from sat import distributed
-    from sat.data.loading import default_data_dir, prepare_data
+    from sat.data.loading import default_data_dir, prepare_data, rank_batch
     from sat.device import resolve_device
     from sat.runlog import RunPaths
     from sat.train import train
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with exit_codes(training=True):
             cfg = load_config(a.task, a.preset, overrides_from_args(a))
+            rank_batch(cfg, distributed.env_world_size())  # a batch that cannot split is refused before any write
             device = resolve_device(a.device)
             data_dir = Path(a.data_dir) if a.data_dir else default_data_dir(cfg, a.root)
             if Path(a.root).exists() and not Path(a.root).is_dir():
