@@ -90,10 +90,10 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
     ddp_model = data_parallel(model, cfg, scheduler.sparse)  # the forward's handle; `model` for everything else
 
     with RunLog(paths, info.is_main, progress, step, t.train_steps, cfg.task) as run:
-        run.say(_describe(cfg, model, data, dev, len(batches)))
-        run.say(describe_batch(cfg, info.world))
+        run.say(_describe(cfg, model, data, dev, info, len(batches)))
         run.say(f"data: {data_dir}; logs: {paths.log_dir}; checkpoints: {paths.ckpt_dir}")
         run.monitor_charts(cfg.model.num_layers)
+        run.say(describe_batch(cfg, info.world))
         model.train()
         while step < t.train_steps:
             batch = next(batches).to(dev)
@@ -102,13 +102,12 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
             lr = set_lr(optimizer, lr_at(step, cfg) * scheduler.lr_scale)
             t0 = time.perf_counter()
             logits, loss = _forward(ddp_model, model, inputs, target, collect, cfg, dtype, mixer is not None)
-            # one collective: the loss of the whole global batch (what is logged, the same on any number of
-            # ranks) and the finiteness check (a non-finite loss on any rank makes the mean non-finite)
-            mean_ce, mean_total = distributed.all_reduce_mean([loss.ce.detach().float(), loss.total.detach().float()])
-            if not bool(torch.isfinite(mean_total)):
+            if not distributed.all_ranks_true(bool(torch.isfinite(loss.total)), dev):
                 raise TrainingError(f"non-finite loss at step {step + 1}; {run.kept()}. Lower the learning rate "
                                     f"or use --amp off")
-            ce, pattern = float(mean_ce), loss.values()[1]  # read where the check has waited for the forward anyway
+            ce, pattern = loss.values()  # read here, where the finiteness check has waited for the forward anyway
+            if info.enabled:  # the loss of the whole global batch, as a one-rank run logs it (not rank 0's slice)
+                ce = float(distributed.all_reduce_mean([loss.ce.detach().float()])[0])
             _backward(loss.total, model, optimizer, scaler, t.clip_value)
             if loss.maps:  # every rank feeds the monitor the same rank-averaged maps, so all decide alike
                 scheduler.observe(step, distributed.all_reduce_mean(loss.maps))
@@ -298,12 +297,13 @@ def _eval_phase(scheduler: TransitionScheduler) -> str:
     return "dense"
 
 
-def _describe(cfg: TaskConfig, model: nn.Module, data: TaskData, dev: torch.device, per_epoch: int) -> str:
+def _describe(cfg: TaskConfig, model: nn.Module, data: TaskData, dev: torch.device, info: distributed.DistInfo,
+              per_epoch: int) -> str:
     t, s = cfg.training, data.splits
     return (f"task {cfg.task}: {count_parameters(model)} parameters, {len(s['train'])} train / "
             f"{len(s['dev'])} dev / {len(s['test'])} test examples, N={cfg.dataset.max_seq_len}, "
             f"sk={cfg.sparsity.sk} ds={cfg.sparsity.ds} density={cfg.sparsity.density}, device {dev}, "
-            f"{t.train_steps} steps ({per_epoch} per epoch)")
+            f"{t.train_steps} steps ({per_epoch} per epoch) on {info.world} rank(s)")
 
 
 def _checkpoint(cfg, data, data_dir, model, optimizer, scheduler, batches, scaler, mixer, step, best_acc,
