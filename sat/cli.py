@@ -36,7 +36,7 @@ def run_parser(prog: str, description: str, modes: list[str]) -> OneLineParser:
     """The command line of a run, shared by main_train.py (modes train, eval) and main_inference.py (eval):
     evaluating a run takes the command that trained it."""
     p = OneLineParser(prog=prog, description=description)
-    p.add_argument("--mode", default=modes[0], choices=modes, help="eval = main_inference.py --mode eval")
+    p.add_argument("--mode", default=modes[0], choices=modes, help="eval: what main_inference.py does")
     p.add_argument("--task", required=True,
                    help="lra-listops, lra-text, lra-retrieval, lra-image, lra-pathfinder, csv-text, imagenet-vit-ti, "
                         "imagenet-vit-s")
