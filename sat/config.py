@@ -55,7 +55,7 @@ class ModelConfig:
 
 @dataclass
 class TrainingConfig:
-    batch_size: int                # per process (per GPU under torchrun)
+    batch_size: int                # LRA: the global batch, split over the ranks; image folders: per GPU
     learning_rate: float
     train_steps: int = 0           # total optimizer steps (ignored when epochs > 0)
     epochs: float = 0.0            # > 0: train_steps = round(epochs * batches per epoch of one rank)

@@ -143,14 +143,17 @@ class RunLog:
                      f"{d['density_used']:.4f} (per layer "
                      f"{', '.join(f'{x:.3f}' for x in d['density_per_layer'])}), {d['added_diagonal']} diagonal "
                      f"block(s) added to empty rows")
-            for i, layout in enumerate(d["layouts"]):
-                self.writer.add_image(f"layout/layer{i}", layout_image(layout), event.step)
+            for i, (layout, added) in enumerate(zip(d["layouts"], d["added_blocks"], strict=True)):
+                self.writer.add_image(f"layout/layer{i}", layout_image(layout, added), event.step)
             if "recall" in d:
                 self._recall(event.step, d["recall"], d["block_mass"], d["layouts"])
         else:
             self.say(f"step {event.step}: MLPs densified (S2D): {len(d['layers'])} Monarch layers -> dense; "
                      f"parameters {d['params_before']} -> {d['params_after']}")
-        self.writer.add_text("transitions", f"{event.kind} at step {event.step} {event.reason}", event.step)
+        legend = ("; pictures: layout/layerN blue = blocks chosen, orange = diagonal blocks added to empty rows; "
+                  "attention_vs_layout/layerN darker = more dense attention (log scale, 3 decades), red outline = "
+                  "blocks kept" if event.kind == "sparsify" else "")
+        self.writer.add_text("transitions", f"{event.kind} at step {event.step} {event.reason}{legend}", event.step)
         self.writer.add_scalar(f"transition/{event.kind}", 1.0, event.step)
 
     def monitor_charts(self, num_layers: int) -> None:

@@ -8,8 +8,9 @@ image tasks add label smoothing and Mixup/CutMix), the optimizer and schedule in
 sat/evaluate.py, and every output (text log, TensorBoard, losses file, progress bar, checkpoints) in
 sat/runlog.py, whose `RunLog` closes them on every way out.
 
-Under torchrun (sat/distributed.py) the model runs in DistributedDataParallel, `batch_size` is per process,
-and every rank takes each transition at the same step: the monitor sees the per-layer maps averaged over
+Under torchrun (sat/distributed.py) the model runs in DistributedDataParallel; `batch_size` is the global batch
+of an LRA task (split over the ranks, sat/data/loading.py `rank_batch`) and the batch per GPU of an image task;
+every rank takes each transition at the same step: the monitor sees the per-layer maps averaged over
 ranks (identical on every rank), rank 0's layouts are broadcast at the switch, the densify swap is step-based,
 and DDP is re-wrapped after each transition (the frozen pattern and the replaced Monarch parameters leave it).
 Only rank 0 writes the log, TensorBoard, checkpoints and summary.json.
@@ -34,7 +35,7 @@ from sat import distributed
 from sat.checkpoint import CheckpointError, load_checkpoint
 from sat.config import ConfigError, TaskConfig, checkpoint_interval
 from sat.data.batch import Batch
-from sat.data.loading import TaskData, load_task_data, make_mixer, resolve_for_data
+from sat.data.loading import TaskData, describe_batch, load_task_data, make_mixer, rank_batch, resolve_for_data
 from sat.device import amp_dtype, peak_memory_mb
 from sat.evaluate import evaluate, majority_rate
 from sat.fileio import atomic_write_text
@@ -67,9 +68,10 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
     dev, info = torch.device(device), distributed.current()
     requested = cfg.to_dict()  # before the data fills in what the config leaves open: what --resume restores
     dtype = amp_dtype(cfg, dev)
+    per_rank = rank_batch(cfg, info.world)  # LRA: the global batch split over the ranks (refused if it does not)
     try:  # a backend that cannot run this model is a one-line error now, not a crash at the switch
         check_backend(backend, dtype or torch.float32, cfg.sparsity.block_size, cfg.model.head_dim,
-                      cfg.training.batch_size * (2 if cfg.dataset.two_inputs else 1), dev, cfg.model.num_heads)
+                      per_rank * (2 if cfg.dataset.two_inputs else 1), dev, cfg.model.num_heads)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     torch.manual_seed(seed)
@@ -108,6 +110,7 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
         if resume:
             run.say(f"resumed from step {step} (phase {'sparse' if scheduler.sparse else 'dense'}) of {paths.last}")
         run.monitor_charts(cfg.model.num_layers)
+        run.say(describe_batch(cfg, info.world))
         model.train()
         while step < t.train_steps:
             batch = next(batches).to(dev)
@@ -121,6 +124,8 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
                 raise TrainingError(f"non-finite loss at step {step + 1}; {run.kept()}. Lower the learning rate "
                                     f"or use --amp off")
             ce, pattern = loss.values()  # read here, where the finiteness check has waited for the forward anyway
+            if info.enabled:  # the loss of the whole global batch, as a one-rank run logs it (not rank 0's slice)
+                ce = float(distributed.all_reduce_mean([loss.ce.detach().float()])[0])
             _backward(loss.total, model, optimizer, scaler, t.clip_value)
             if loss.maps:  # every rank feeds the monitor the same rank-averaged maps, so all decide alike
                 scheduler.observe(step, distributed.all_reduce_mean(loss.maps))
@@ -338,7 +343,7 @@ def _describe(cfg: TaskConfig, model: nn.Module, data: TaskData, dev: torch.devi
     return (f"task {cfg.task}: {count_parameters(model)} parameters, {len(s['train'])} train / "
             f"{len(s['dev'])} dev / {len(s['test'])} test examples, N={cfg.dataset.max_seq_len}, "
             f"sk={cfg.sparsity.sk} ds={cfg.sparsity.ds} density={cfg.sparsity.density}, device {dev}, "
-            f"{t.train_steps} steps of {info.world} x {t.batch_size} examples ({per_epoch} per epoch)")
+            f"{t.train_steps} steps ({per_epoch} per epoch) on {info.world} rank(s)")
 
 
 class CheckpointClock:
@@ -412,14 +417,14 @@ def _summarize(cfg, paths, data, dev, dtype, backend, info, scheduler, step, tim
     test = evaluate(eval_model, data.eval_batches("test"), dev, dtype)
     dev_res = evaluate(eval_model, data.eval_batches("dev"), dev, dtype)
     majority = majority_rate(data.labels("test"))
-    t = cfg.training
     summary = {
         "task": cfg.task, "name": paths.name, "steps": step, "best_step": best["step"],
         "transition_step": scheduler.transition_step, "transition_reason": scheduler.transition_reason,
         "densify_step": scheduler.densify_step,
         "dev_accuracy": dev_res["accuracy"], "test_accuracy": test["accuracy"], "test_majority_rate": majority,
         "dev_top5": dev_res["top5"], "test_top5": test["top5"],
-        "world_size": info.world, "global_batch_size": info.world * t.batch_size,
+        "world_size": info.world, "global_batch_size": rank_batch(cfg, info.world) * info.world,
+        "rank_batch_size": rank_batch(cfg, info.world),
         "dense_steps_per_sec": _rate(timing, "dense"), "sparse_steps_per_sec": _rate(timing, "sparse"),
         "peak_memory_mb": peak_memory_mb(dev), "density": cfg.sparsity.density,
         "density_used": scheduler.density_used, "added_diagonal_blocks": scheduler.added_diagonal,
