@@ -24,6 +24,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -96,8 +97,8 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
     ddp_model = data_parallel(model, cfg, scheduler.sparse)  # the forward's handle; `model` for everything else
     clock = CheckpointClock(t.checkpoint_every)
 
-    def state() -> dict:  # what a resumed run restores, as of the step just finished
-        return _checkpoint(cfg, data, data_dir, model, optimizer, scheduler, batches, scaler, mixer, step, best_acc,
+    def state(best: float) -> dict:  # what a resumed run restores, as of the step just finished
+        return _checkpoint(cfg, data, data_dir, model, optimizer, scheduler, batches, scaler, mixer, step, best,
                            timing, requested, seed)
 
     removed = paths.remove() if overwrite and info.is_main else []  # nothing above refused the run
@@ -143,31 +144,12 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
             if loss.maps:
                 run.scalars(step, _monitor_scalars(scheduler.monitor.history[-1], pattern, cfg.sparsity))
             if step % t.eval_frequency == 0 or step == t.train_steps:
-                res = _validate(model, data, cfg, dev, dtype, info, step, run)
-                improved, best_acc = res["accuracy"] > best_acc, max(best_acc, res["accuracy"])
-                top5 = f" top-5 {res['top5']:.4f}" if cfg.dataset.num_classes > 5 else ""
-                run.say(f"step {step}: dev accuracy {res['accuracy']:.4f}{top5} loss {res['loss']:.4f} "
-                        f"({_eval_phase(scheduler)})" + (" *best*" if improved else ""))
-                if info.is_main:
-                    run.save_checkpoint(state(), improved)
-                clock.saved(step)
+                best_acc = _evaluate_and_save(model, data, cfg, dev, dtype, info, step, run, scheduler, best_acc,
+                                              state, clock)
             if not info.enabled:  # one process: the signal as of this step's end (no other rank to agree with)
                 signum = STOP.signum
-            stop = signum or (stop_at and stop_at <= step < t.train_steps)
-            if clock.saved_at != step and (stop or clock.due(step)):  # between evaluations, and at every stop
-                if info.is_main:
-                    if not _finite(model):  # never checkpoint a diverged model
-                        raise TrainingError(f"the model diverged by step {step} (non-finite weights); "
-                                            f"{run.kept()}. Lower the learning rate or use --amp off")
-                    run.save_checkpoint(state(), improved=False)
-                clock.saved(step)
-            if signum:
-                run.say(f"interrupted at step {step}; checkpoint saved; continue with --resume")
-                if info.enabled:  # each rank says where it stopped, as for transitions
-                    print(f"rank {info.rank}/{info.world}: interrupted at step {step}", file=sys.stderr, flush=True)
-                raise Interrupted(signum, said=True)
-            if stop:
-                run.say(f"stopped at step {step} (--stop_at); checkpoint saved; continue with --resume")
+            if _save_or_stop(step, signum, stop_at and stop_at <= step < t.train_steps, clock, model, run, info,
+                             partial(state, best_acc)):
                 return None
 
         # finish: rank 0 alone evaluates the best checkpoint (no collectives from here on). The last step's
@@ -307,6 +289,41 @@ def _validate(model: nn.Module, data: TaskData, cfg: TaskConfig, dev: torch.devi
         raise TrainingError(f"the model diverged by step {step} (non-finite dev loss or weights); "
                             f"{run.kept()}. Lower the learning rate or use --amp off")
     return res
+
+
+def _evaluate_and_save(model, data, cfg, dev, dtype, info, step, run, scheduler, best_acc, state, clock) -> float:
+    """An evaluation step: dev accuracy logged with the phase it ran in, then a checkpoint (the best one too
+    when it improved). Returns the best dev accuracy so far."""
+    res = _validate(model, data, cfg, dev, dtype, info, step, run)
+    improved, best_acc = res["accuracy"] > best_acc, max(best_acc, res["accuracy"])
+    top5 = f" top-5 {res['top5']:.4f}" if cfg.dataset.num_classes > 5 else ""
+    run.say(f"step {step}: dev accuracy {res['accuracy']:.4f}{top5} loss {res['loss']:.4f} "
+            f"({_eval_phase(scheduler)})" + (" *best*" if improved else ""))
+    if info.is_main:
+        run.save_checkpoint(state(best_acc), improved)
+    clock.saved(step)
+    return best_acc
+
+
+def _save_or_stop(step, signum, stop_at_here, clock, model, run, info, state) -> bool:
+    """After every step: a checkpoint when training.checkpoint_every says one is due or the run stops here (and
+    the evaluation did not just write one); then a signal raises Interrupted, and `--stop_at` returns True."""
+    stop = bool(signum or stop_at_here)
+    if clock.saved_at != step and (stop or clock.due(step)):
+        if info.is_main:
+            if not _finite(model):  # never checkpoint a diverged model
+                raise TrainingError(f"the model diverged by step {step} (non-finite weights); "
+                                    f"{run.kept()}. Lower the learning rate or use --amp off")
+            run.save_checkpoint(state(), improved=False)
+        clock.saved(step)
+    if signum:
+        run.say(f"interrupted at step {step}; checkpoint saved; continue with --resume")
+        if info.enabled:  # each rank says where it stopped, as for transitions
+            print(f"rank {info.rank}/{info.world}: interrupted at step {step}", file=sys.stderr, flush=True)
+        raise Interrupted(signum, said=True)
+    if stop:
+        run.say(f"stopped at step {step} (--stop_at); checkpoint saved; continue with --resume")
+    return stop
 
 
 def _finite(model: nn.Module) -> bool:
