@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                   "interrupted before the first training step; nothing to resume", flush=True)
         return e.code
     finally:
+        STOP.quiet()  # a signal during the teardown below ends the process, not with a traceback from here
         release_frames(sys.exc_info()[1])  # the exception on its way out, if any
         distributed.shutdown()
         STOP.uninstall()

@@ -141,10 +141,15 @@ def evaluation_flags(a: argparse.Namespace) -> dict[str, Any]:
 def exit_codes(training: bool = False) -> Iterator[None]:
     """Turn the errors a command line expects into a one-line message and its exit code: bad input -> 2; with
     `training`, a failed run -> 1 (the checkpoints are written atomically, so the last one is kept)."""
+    from sat.interrupt import STOP
     from sat.train import TrainingError
 
     try:
-        yield
+        try:
+            yield
+        except Exception:
+            STOP.quiet()  # on its way to one line and an exit code: a signal now just ends the process
+            raise
     except BAD_INPUT as e:
         die(str(e))
     except TrainingError as e:

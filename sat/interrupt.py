@@ -47,6 +47,7 @@ class StopSignals:
         self.signum = 0
         self._first_at = 0.0
         self._deferred = False
+        self._quiet = False
         self._previous: dict = {}
 
     def install(self) -> None:
@@ -62,7 +63,7 @@ class StopSignals:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
-        self.signum, self._deferred = 0, False
+        self.signum, self._deferred, self._quiet = 0, False, False
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
@@ -73,6 +74,12 @@ class StopSignals:
         finally:
             self._deferred = False
 
+    def quiet(self) -> None:
+        """From here on (the process is on its way out, its one line said) a signal ends it at once with the
+        signal's exit code and nothing printed: torchrun sends SIGTERM to the surviving ranks when one dies,
+        and that may land while a failed rank tears down its process group."""
+        self._quiet = True
+
     def immediate(self) -> None:
         """From here on a signal raises `Interrupted` at once; raises it now if one came already."""
         self._deferred = False
@@ -81,6 +88,10 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         now = time.monotonic()
+        if self._quiet:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signum)
         if self.signum:
             if os.environ.get("TORCHELASTIC_RUN_ID") and now - self._first_at < GRACE_S:
                 return  # torchrun's forwarded copy of the request this worker already has

@@ -160,6 +160,33 @@ def test_a_signal_outside_the_loop_raises_at_once():
     assert out.strip() == "raised 143" and proc.returncode == 0
 
 
+_FAILING = """
+import os, signal, sys, time
+from sat.cli import exit_codes
+from sat.interrupt import STOP
+STOP.install()
+try:
+    with exit_codes(training=True):
+        raise RuntimeError("a failure on its way out")
+except RuntimeError:
+    pass
+print("failed", flush=True)
+sys.stdin.readline()  # the parent signals while this process is, as it were, tearing down
+print("not reached", flush=True)
+"""
+
+
+def test_a_signal_while_a_failure_is_reported_ends_the_process_quietly():
+    """torchrun sends SIGTERM to the surviving ranks when one dies; when it lands while a failed rank reports its
+    error and tears down, the process ends with the signal's code and no traceback."""
+    proc = subprocess.Popen([sys.executable, "-c", _FAILING], env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "failed"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 143 and out == "" and err == "", (proc.returncode, out, err)
+
+
 # ---------------------------------------------------------------------------------------------- torchrun
 
 try:
