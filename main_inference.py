@@ -1,31 +1,25 @@
 """Evaluate a saved run: test accuracy (top-1 and top-5), mean batch latency and peak memory.
 
     python main_inference.py --mode eval --task lra-image --random 1001 --name sat
+    python main_inference.py --task lra-listops --preset quick        # the training command line works too
+
+Every main_train.py flag is accepted: the configuration comes from the run's checkpoint, flags that only steer
+training are ignored, and a flag that contradicts the checkpoint where it matters for evaluation (model, data
+shape, precision) is refused. --data_dir may point at another copy of the data.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from sat.cli import evaluate_run
+from sat.cli import evaluate_run, run_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--mode", default="eval", choices=["eval"])
-    p.add_argument("--task", required=True)
-    p.add_argument("--random", type=int, default=1001)
-    p.add_argument("--name", default="sat")
+    p = run_parser("main_inference.py", __doc__.split("\n")[0], modes=["eval"])
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--which", default="best", choices=["best", "last"], help="best dev checkpoint or the last one")
-    p.add_argument("--data_dir", help="processed data (default: the one the run trained on)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "reference"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--root", default=".")
-    a = p.parse_args(argv)
-    return evaluate_run(a.task, a.random, a.name, a.root, a.device, a.backend, split=a.split, which=a.which,
-                        data_dir=a.data_dir)
+    return evaluate_run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

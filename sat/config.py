@@ -55,7 +55,7 @@ class ModelConfig:
 
 @dataclass
 class TrainingConfig:
-    batch_size: int                # per process (per GPU under torchrun)
+    batch_size: int                # LRA: the global batch, split over the ranks; image folders: per GPU
     learning_rate: float
     train_steps: int = 0           # total optimizer steps (ignored when epochs > 0)
     epochs: float = 0.0            # > 0: train_steps = round(epochs * batches per epoch of one rank)
@@ -66,6 +66,7 @@ class TrainingConfig:
     mixup: float = 0.0             # Mixup alpha (image_folder tasks; 0 = off)
     cutmix: float = 0.0            # CutMix alpha (image_folder tasks; 0 = off)
     eval_frequency: int = 500
+    checkpoint_every: int | str = "5min"  # also between evaluations: N steps, or "M min" of wall time; 0 = off
     num_eval_batches: int = 0      # 0 = the whole dev split
     clip_value: float = 1.0
     amp: str = "auto"              # auto | off | bf16 | fp16
@@ -138,16 +139,20 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict, "int | str": (int, str)}
+
+
 def _coerce(section: str, name: str, value: Any, typ) -> Any:
     where = f"{section}.{name}"
-    typ = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}.get(typ, typ)
+    typ = _TYPES.get(typ, typ)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if typ is float and isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"config key {where} must be a finite number, got {value!r}; fix it in config.py or "
                           f"on the command line")
-    if (typ is int and isinstance(value, bool)) or not isinstance(value, typ):
-        raise ConfigError(f"config key {where} must be of type {typ.__name__}, got {value!r}; fix it in config.py "
+    if (int in (typ if isinstance(typ, tuple) else (typ,)) and isinstance(value, bool)) or not isinstance(value, typ):
+        kind = " or ".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
+        raise ConfigError(f"config key {where} must be of type {kind}, got {value!r}; fix it in config.py "
                           f"or on the command line")
     return value
 
@@ -232,6 +237,7 @@ def validate(cfg: TaskConfig) -> TaskConfig:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    checkpoint_interval(t.checkpoint_every)
     _check_generate(d)
     nb = d.max_seq_len // s.block_size
     if int(nb * nb * s.density) < 1:
@@ -266,6 +272,24 @@ def _check_generate(d: DatasetConfig) -> None:
                           f"<= max_len <= dataset.max_seq_len, got {lo}, {hi}, {d.max_seq_len}")
 
 
+def checkpoint_interval(value: int | str) -> tuple[int, float]:
+    """training.checkpoint_every as (steps, seconds), one of them 0: an int is a number of steps (0: checkpoints
+    at evaluations only), a string "M min" (e.g. "10min", "2.5 min") minutes of wall time."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value >= 0:
+            return value, 0.0
+    elif isinstance(value, str):
+        number = value.strip().removesuffix("min").strip()
+        try:
+            minutes = float(number) if value.strip().endswith("min") else math.nan
+        except ValueError:
+            minutes = math.nan
+        if math.isfinite(minutes) and minutes > 0:
+            return 0, minutes * 60.0
+    raise ConfigError(f"training.checkpoint_every must be a number of steps (an integer >= 0; 0 = at evaluations "
+                      f"only) or minutes of wall time such as \"10min\", got {value!r}")
+
+
 def image_tokens(d: DatasetConfig) -> int:
     """Real tokens of an image task: the class token + (img_size / patch_size)^2 patches."""
     return 1 + (d.img_size // max(d.patch_size, 1)) ** 2
@@ -281,23 +305,38 @@ def _derive(cfg: TaskConfig) -> TaskConfig:
 
 def load_config(task: str, preset: str | None = None, overrides: dict | None = None) -> TaskConfig:
     """CONFIG[task] + PRESETS[preset][task] + overrides -> validated TaskConfig."""
-    configs, presets = _load_root_config()
+    configs = _load_root_config()[0]
     if task not in configs:
         raise ConfigError(f"unknown task {task!r}{_suggest(task, configs)}; choose one of {', '.join(sorted(configs))}")
     raw = configs[task]
     if preset:
-        if preset not in presets or task not in presets[preset]:
-            have = sorted(p for p, v in presets.items() if task in v)
-            raise ConfigError(f"no preset {preset!r} for task {task}; presets for it: {have or 'none'}")
-        raw = _merge(raw, presets[preset][task])
+        raw = _merge(raw, preset_values(task, preset))
     if overrides:
         raw = _merge(raw, overrides)
+    check_sections(raw)
+    built = {name: _build_section(name, raw.get(name, {})) for name in SECTIONS}
+    return validate(_derive(TaskConfig(task=task, **built)))
+
+
+def preset_values(task: str, preset: str) -> dict:
+    """PRESETS[preset][task] (what the preset changes), or ConfigError naming the presets the task has."""
+    presets = _load_root_config()[1]
+    if preset not in presets or task not in presets[preset]:
+        have = sorted(p for p, v in presets.items() if task in v)
+        raise ConfigError(f"no preset {preset!r} for task {task}; presets for it: {have or 'none'}")
+    return presets[preset][task]
+
+
+def check_sections(raw: dict) -> None:
     for section in raw:
         if section not in SECTIONS:
             raise ConfigError(f"unknown config section {section!r}{_suggest(section, SECTIONS)}; sections are "
                               f"{', '.join(SECTIONS)}")
-    built = {name: _build_section(name, raw.get(name, {})) for name in SECTIONS}
-    return validate(_derive(TaskConfig(task=task, **built)))
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """`extra` laid over `base` (nested dicts merged key by key; dataset.generate replaced whole)."""
+    return _merge(base, extra)
 
 
 def from_dict(d: dict) -> TaskConfig:

@@ -108,6 +108,18 @@ def all_ranks_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def finite_and_stop(finite: bool, stop: int, device: torch.device) -> tuple[bool, int]:
+    """(`finite` on every rank, the largest `stop` request of any rank: a signal number or 0), in one
+    collective. The training loop's per-step check: the stop request rides on the finiteness check it already
+    makes, so every rank stops after the same step without a second collective and host sync per step."""
+    if not current().enabled:
+        return finite, stop
+    t = torch.tensor([1.0 if finite else 0.0, -float(stop)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)  # min of -stop = -(max of stop)
+    ok, neg_stop = t.tolist()
+    return ok > 0, int(-neg_stop)
+
+
 def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Overwrite `t` in place with rank `src`'s copy (bool tensors travel as uint8)."""
     if not current().enabled:

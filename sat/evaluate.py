@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from sat import distributed
 from sat.checkpoint import CheckpointError, load_checkpoint
-from sat.config import from_dict
+from sat.config import ConfigError, from_dict
 from sat.data.loading import load_task_data
 from sat.device import amp_dtype, peak_memory_mb
 from sat.models.build import model_from_checkpoint
@@ -61,14 +61,24 @@ def majority_rate(labels) -> float:
 
 
 def evaluate_saved_run(paths: RunPaths, task: str, split: str = "test", which: str = "best",
-                       data_dir: str | Path | None = None, device: str = "cpu", backend: str = "auto") -> dict:
+                       data_dir: str | Path | None = None, device: str = "cpu", backend: str = "auto",
+                       expect: dict | None = None) -> dict:
     """Evaluate the `which` ("best" dev or "last") checkpoint of a run on one split of its data (the data it
     trained on unless `data_dir`): accuracy, top-5, examples, mean batch latency, peak memory and whether the
-    attention was block-sparse. Bad input raises ConfigError, DataError or CheckpointError."""
+    attention was block-sparse. The configuration is the checkpoint's; `expect` ({"section.key": value}, what
+    the command line set) must agree with it. Bad input raises ConfigError, DataError or CheckpointError."""
     dev = torch.device(device)
-    state = load_checkpoint(paths.best if which == "best" else paths.last, map_location=dev)
+    path = paths.best if which == "best" else paths.last
+    state = load_checkpoint(path, map_location=dev)
     if state["task"] != task:
         raise CheckpointError(f"checkpoint holds task {state['task']}, not {task}; check --task")
+    for key, value in (expect or {}).items():
+        section, name = key.split(".", 1)
+        saved = state["config"][section].get(name)
+        if saved != value:
+            raise ConfigError(f"{key}: the command line sets {value!r} but the run was trained with {saved!r} "
+                              f"({path}); evaluation uses the checkpoint's configuration, so drop that flag or "
+                              f"check --name/--random")
     cfg = from_dict(state["config"])
     data = load_task_data(cfg, Path(data_dir) if data_dir else Path(state["data_dir"]), need_train=split == "train")
     model = model_from_checkpoint(state, dev, backend)

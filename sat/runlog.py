@@ -11,8 +11,10 @@ stopped at --stop_at or raised. Under torchrun only rank 0 writes; other ranks g
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,25 @@ class RunPaths:
     @property
     def last(self) -> Path:
         return self.ckpt_dir / f"{self.name}.last.model"
+
+    def artefacts(self) -> list[Path]:
+        """Everything a run of this name writes: a run name is one run, so any of these marks it as taken."""
+        return [self.text_log, self.tensorboard, self.losses, self.summary, self.best, self.last]
+
+    def existing(self) -> list[Path]:
+        return [p for p in self.artefacts() if p.exists() or p.is_symlink()]
+
+    def remove(self) -> list[Path]:
+        """Delete this run's artefacts (--overwrite), and the temporary files a killed write of them left;
+        returns what existed. Only paths named after this run: other runs in the same folders are untouched."""
+        found = self.existing()
+        leftovers = [t for p in self.artefacts() for t in p.parent.glob(f".{glob.escape(p.name)}.*.tmp")]
+        for p in found + leftovers:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+        return found
 
 
 class RunLog:
@@ -122,14 +143,17 @@ class RunLog:
                      f"{d['density_used']:.4f} (per layer "
                      f"{', '.join(f'{x:.3f}' for x in d['density_per_layer'])}), {d['added_diagonal']} diagonal "
                      f"block(s) added to empty rows")
-            for i, layout in enumerate(d["layouts"]):
-                self.writer.add_image(f"layout/layer{i}", layout_image(layout), event.step)
+            for i, (layout, added) in enumerate(zip(d["layouts"], d["added_blocks"], strict=True)):
+                self.writer.add_image(f"layout/layer{i}", layout_image(layout, added), event.step)
             if "recall" in d:
                 self._recall(event.step, d["recall"], d["block_mass"], d["layouts"])
         else:
             self.say(f"step {event.step}: MLPs densified (S2D): {len(d['layers'])} Monarch layers -> dense; "
                      f"parameters {d['params_before']} -> {d['params_after']}")
-        self.writer.add_text("transitions", f"{event.kind} at step {event.step} {event.reason}", event.step)
+        legend = ("; pictures: layout/layerN blue = blocks chosen, orange = diagonal blocks added to empty rows; "
+                  "attention_vs_layout/layerN darker = more dense attention (log scale, 3 decades), red outline = "
+                  "blocks kept" if event.kind == "sparsify" else "")
+        self.writer.add_text("transitions", f"{event.kind} at step {event.step} {event.reason}{legend}", event.step)
         self.writer.add_scalar(f"transition/{event.kind}", 1.0, event.step)
 
     def monitor_charts(self, num_layers: int) -> None:

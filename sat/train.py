@@ -8,8 +8,9 @@ image tasks add label smoothing and Mixup/CutMix), the optimizer and schedule in
 sat/evaluate.py, and every output (text log, TensorBoard, losses file, progress bar, checkpoints) in
 sat/runlog.py, whose `RunLog` closes them on every way out.
 
-Under torchrun (sat/distributed.py) the model runs in DistributedDataParallel, `batch_size` is per process,
-and every rank takes each transition at the same step: the monitor sees the per-layer maps averaged over
+Under torchrun (sat/distributed.py) the model runs in DistributedDataParallel; `batch_size` is the global batch
+of an LRA task (split over the ranks, sat/data/loading.py `rank_batch`) and the batch per GPU of an image task;
+every rank takes each transition at the same step: the monitor sees the per-layer maps averaged over
 ranks (identical on every rank), rank 0's layouts are broadcast at the switch, the densify swap is step-based,
 and DDP is re-wrapped after each transition (the frozen pattern and the replaced Monarch parameters leave it).
 Only rank 0 writes the log, TensorBoard, checkpoints and summary.json.
@@ -23,6 +24,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +34,19 @@ import torch.nn.functional as F
 
 from sat import distributed
 from sat.checkpoint import CheckpointError, load_checkpoint
-from sat.config import ConfigError, TaskConfig
+from sat.config import ConfigError, TaskConfig, checkpoint_interval
 from sat.data.batch import Batch
-from sat.data.loading import TaskData, load_task_data, make_mixer, resolve_for_data
+from sat.data.loading import TaskData, describe_batch, load_task_data, make_mixer, rank_batch, resolve_for_data
 from sat.device import amp_dtype, peak_memory_mb
 from sat.evaluate import evaluate, majority_rate
 from sat.fileio import atomic_write_text
+from sat.interrupt import STOP, Interrupted
 from sat.kernels import check_backend
 from sat.models.build import build_model, load_weights, model_from_checkpoint
 from sat.models.monarch import count_parameters
 from sat.optim import lr_at, make_optimizer, set_lr
 from sat.runlog import RunLog, RunPaths
+from sat.runs import config_differences
 from sat.sparsity.monitor import MonitorRecord
 from sat.sparsity.recall import measure_block_mass
 from sat.sparsity.scheduler import Event, TransitionScheduler
@@ -53,17 +57,22 @@ class TrainingError(Exception):
 
 
 def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu", backend: str = "auto",
-          seed: int = 0, resume: bool = False, progress: bool = True, stop_at: int = 0) -> dict | None:
+          seed: int = 0, resume: bool = False, progress: bool = True, stop_at: int = 0,
+          overwrite: bool = False) -> dict | None:
     """Train one run end to end; returns the summary written to summary.json.
 
-    `stop_at` > 0 ends the process's work after that many steps (as an interruption would) and returns None;
-    `resume` continues from the last checkpoint."""
+    `stop_at` > 0 ends the process's work after that many steps, with a checkpoint as an interruption would,
+    and returns None; `resume` continues from the last checkpoint; `overwrite` deletes the run's earlier
+    artefacts once the set-up has found nothing to refuse. SIGINT/SIGTERM (with sat.interrupt's handlers
+    installed) stop the loop after the step in progress, with a checkpoint, by raising `Interrupted`."""
     # set-up: data, model, optimizer, transition scheduler; a checkpoint's state on --resume
     dev, info = torch.device(device), distributed.current()
+    requested = cfg.to_dict()  # before the data fills in what the config leaves open: what --resume restores
     dtype = amp_dtype(cfg, dev)
+    per_rank = rank_batch(cfg, info.world)  # LRA: the global batch split over the ranks (refused if it does not)
     try:  # a backend that cannot run this model is a one-line error now, not a crash at the switch
         check_backend(backend, dtype or torch.float32, cfg.sparsity.block_size, cfg.model.head_dim,
-                      cfg.training.batch_size * (2 if cfg.dataset.two_inputs else 1), dev, cfg.model.num_heads)
+                      per_rank * (2 if cfg.dataset.two_inputs else 1), dev, cfg.model.num_heads)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     torch.manual_seed(seed)
@@ -86,11 +95,23 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
         if mixer is not None:
             mixer.rng = np.random.default_rng([seed, info.rank, step])
     ddp_model = data_parallel(model, cfg, scheduler.sparse)  # the forward's handle; `model` for everything else
+    clock = CheckpointClock(t.checkpoint_every)
 
-    with RunLog(paths, info.is_main, progress, step, t.train_steps, cfg.task) as run:
+    def state(best: float) -> dict:  # what a resumed run restores, as of the step just finished
+        return _checkpoint(cfg, data, data_dir, model, optimizer, scheduler, batches, scaler, mixer, step, best,
+                           timing, requested, seed)
+
+    removed = paths.remove() if overwrite and info.is_main else []  # nothing above refused the run
+
+    with RunLog(paths, info.is_main, progress, step, t.train_steps, cfg.task) as run, STOP.deferred():
+        if removed:
+            run.say(f"--overwrite: removed the earlier run {paths.name!r} ({', '.join(p.name for p in removed)})")
         run.say(_describe(cfg, model, data, dev, info, len(batches)))
         run.say(f"data: {data_dir}; logs: {paths.log_dir}; checkpoints: {paths.ckpt_dir}")
+        if resume:
+            run.say(f"resumed from step {step} (phase {'sparse' if scheduler.sparse else 'dense'}) of {paths.last}")
         run.monitor_charts(cfg.model.num_layers)
+        run.say(describe_batch(cfg, info.world))
         model.train()
         while step < t.train_steps:
             batch = next(batches).to(dev)
@@ -99,10 +120,13 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
             lr = set_lr(optimizer, lr_at(step, cfg) * scheduler.lr_scale)
             t0 = time.perf_counter()
             logits, loss = _forward(ddp_model, model, inputs, target, collect, cfg, dtype, mixer is not None)
-            if not distributed.all_ranks_true(bool(torch.isfinite(loss.total)), dev):
+            finite, signum = distributed.finite_and_stop(bool(torch.isfinite(loss.total)), STOP.signum, dev)
+            if not finite:
                 raise TrainingError(f"non-finite loss at step {step + 1}; {run.kept()}. Lower the learning rate "
                                     f"or use --amp off")
             ce, pattern = loss.values()  # read here, where the finiteness check has waited for the forward anyway
+            if info.enabled:  # the loss of the whole global batch, as a one-rank run logs it (not rank 0's slice)
+                ce = float(distributed.all_reduce_mean([loss.ce.detach().float()])[0])
             _backward(loss.total, model, optimizer, scaler, t.clip_value)
             if loss.maps:  # every rank feeds the monitor the same rank-averaged maps, so all decide alike
                 scheduler.observe(step, distributed.all_reduce_mean(loss.maps))
@@ -120,26 +144,29 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
             if loss.maps:
                 run.scalars(step, _monitor_scalars(scheduler.monitor.history[-1], pattern, cfg.sparsity))
             if step % t.eval_frequency == 0 or step == t.train_steps:
-                res = _validate(model, data, cfg, dev, dtype, info, step, run)
-                improved, best_acc = res["accuracy"] > best_acc, max(best_acc, res["accuracy"])
-                top5 = f" top-5 {res['top5']:.4f}" if cfg.dataset.num_classes > 5 else ""
-                run.say(f"step {step}: dev accuracy {res['accuracy']:.4f}{top5} loss {res['loss']:.4f} "
-                        f"({_eval_phase(scheduler)})" + (" *best*" if improved else ""))
-                if info.is_main:
-                    state = _checkpoint(cfg, data, data_dir, model, optimizer, scheduler, batches, scaler, mixer,
-                                        step, best_acc, timing)
-                    run.save_checkpoint(state, improved)
-            if stop_at and step >= stop_at and step < t.train_steps:
-                run.say(f"stopped at step {step} (--stop_at); continue with --resume")
+                best_acc = _evaluate_and_save(model, data, cfg, dev, dtype, info, step, run, scheduler, best_acc,
+                                              state, clock)
+            if not info.enabled:  # one process: the signal as of this step's end (no other rank to agree with)
+                signum = STOP.signum
+            if _save_or_stop(step, signum, stop_at and stop_at <= step < t.train_steps, clock, model, run, info,
+                             partial(state, best_acc)):
                 return None
 
-        # finish: rank 0 alone evaluates the best checkpoint (no collectives from here on)
-        run.bar.close()  # the final bar stays above the closing lines
-        if getattr(batches, "substituted", 0):
-            run.say(f"{batches.substituted} unreadable training image(s) were replaced by the next readable one")
-        if not info.is_main:
-            return None
-        return _summarize(cfg, paths, data, dev, dtype, backend, info, scheduler, step, timing, run)
+        # finish: rank 0 alone evaluates the best checkpoint (no collectives from here on). The last step's
+        # checkpoint is on disk, so a signal from here on stops at once; --resume repeats only this part.
+        try:
+            STOP.immediate()
+            run.bar.close()  # the final bar stays above the closing lines
+            if getattr(batches, "substituted", 0):
+                run.say(f"{batches.substituted} unreadable training image(s) were replaced by the next readable one")
+            if not info.is_main:
+                return None
+            return _summarize(cfg, paths, data, dev, dtype, backend, info, scheduler, step, timing, run)
+        except Interrupted as e:
+            if not e.said:
+                run.say(f"interrupted at step {step}; checkpoint saved; continue with --resume")
+                e.said = True
+            raise
 
 
 # ---------------------------------------------------------------------------------------------- the loop's steps
@@ -264,6 +291,41 @@ def _validate(model: nn.Module, data: TaskData, cfg: TaskConfig, dev: torch.devi
     return res
 
 
+def _evaluate_and_save(model, data, cfg, dev, dtype, info, step, run, scheduler, best_acc, state, clock) -> float:
+    """An evaluation step: dev accuracy logged with the phase it ran in, then a checkpoint (the best one too
+    when it improved). Returns the best dev accuracy so far."""
+    res = _validate(model, data, cfg, dev, dtype, info, step, run)
+    improved, best_acc = res["accuracy"] > best_acc, max(best_acc, res["accuracy"])
+    top5 = f" top-5 {res['top5']:.4f}" if cfg.dataset.num_classes > 5 else ""
+    run.say(f"step {step}: dev accuracy {res['accuracy']:.4f}{top5} loss {res['loss']:.4f} "
+            f"({_eval_phase(scheduler)})" + (" *best*" if improved else ""))
+    if info.is_main:
+        run.save_checkpoint(state(best_acc), improved)
+    clock.saved(step)
+    return best_acc
+
+
+def _save_or_stop(step, signum, stop_at_here, clock, model, run, info, state) -> bool:
+    """After every step: a checkpoint when training.checkpoint_every says one is due or the run stops here (and
+    the evaluation did not just write one); then a signal raises Interrupted, and `--stop_at` returns True."""
+    stop = bool(signum or stop_at_here)
+    if clock.saved_at != step and (stop or clock.due(step)):
+        if info.is_main:
+            if not _finite(model):  # never checkpoint a diverged model
+                raise TrainingError(f"the model diverged by step {step} (non-finite weights); "
+                                    f"{run.kept()}. Lower the learning rate or use --amp off")
+            run.save_checkpoint(state(), improved=False)
+        clock.saved(step)
+    if signum:
+        run.say(f"interrupted at step {step}; checkpoint saved; continue with --resume")
+        if info.enabled:  # each rank says where it stopped, as for transitions
+            print(f"rank {info.rank}/{info.world}: interrupted at step {step}", file=sys.stderr, flush=True)
+        raise Interrupted(signum, said=True)
+    if stop:
+        run.say(f"stopped at step {step} (--stop_at); checkpoint saved; continue with --resume")
+    return stop
+
+
 def _finite(model: nn.Module) -> bool:
     """Every parameter finite (one device sync)."""
     return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
@@ -298,15 +360,35 @@ def _describe(cfg: TaskConfig, model: nn.Module, data: TaskData, dev: torch.devi
     return (f"task {cfg.task}: {count_parameters(model)} parameters, {len(s['train'])} train / "
             f"{len(s['dev'])} dev / {len(s['test'])} test examples, N={cfg.dataset.max_seq_len}, "
             f"sk={cfg.sparsity.sk} ds={cfg.sparsity.ds} density={cfg.sparsity.density}, device {dev}, "
-            f"{t.train_steps} steps of {info.world} x {t.batch_size} examples ({per_epoch} per epoch)")
+            f"{t.train_steps} steps ({per_epoch} per epoch) on {info.world} rank(s)")
+
+
+class CheckpointClock:
+    """When a checkpoint is due between evaluations (training.checkpoint_every): every `steps` steps, or once
+    `seconds` of wall time have passed since the last checkpoint, whichever the key gives."""
+
+    def __init__(self, every: int | str, clock=time.monotonic) -> None:
+        self.steps, self.seconds = checkpoint_interval(every)
+        self.clock, self.since, self.saved_at = clock, clock(), -1
+
+    def due(self, step: int) -> bool:
+        if self.steps:
+            return step % self.steps == 0
+        return self.seconds > 0 and self.clock() - self.since >= self.seconds
+
+    def saved(self, step: int) -> None:
+        self.since, self.saved_at = self.clock(), step
 
 
 def _checkpoint(cfg, data, data_dir, model, optimizer, scheduler, batches, scaler, mixer, step, best_acc,
-                timing) -> dict:
-    """Everything a resumed run restores (sat/checkpoint.py checks these keys on load)."""
+                timing, requested, seed) -> dict:
+    """Everything a resumed run restores (sat/checkpoint.py checks these keys on load). "run" is what --resume
+    needs besides: the configuration as requested (before the data filled in class counts and epoch-derived
+    steps), so that no flag has to be repeated, and the seed."""
     return {
         "task": cfg.task, "config": cfg.to_dict(), "step": step, "best_dev_accuracy": best_acc,
-        "vocab_size": data.vocab_size, "data_dir": str(data_dir), "timing": dict(timing),
+        "run": {"config": requested, "seed": seed},
+        "vocab_size": data.vocab_size, "data_dir": str(Path(data_dir).resolve()), "timing": dict(timing),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "train_loader": batches.state_dict(),
         "rng": {"torch": torch.get_rng_state(),
@@ -318,9 +400,12 @@ def _checkpoint(cfg, data, data_dir, model, optimizer, scheduler, batches, scale
 def _resume(paths, cfg, model, scheduler, loader, scaler, dev, mixer=None):
     """Restore the last checkpoint into the run's objects: (step, best dev accuracy, model, optimizer, timing)."""
     state = load_checkpoint(paths.last, map_location="cpu")
-    if state["task"] != cfg.task or state["config"] != cfg.to_dict():
-        raise CheckpointError(f"{paths.last} was written by a run with another task or config; start a new run "
-                              f"with another --name, or resume with the same settings")
+    if state["task"] != cfg.task:
+        raise CheckpointError(f"checkpoint {paths.last} holds task {state['task']}, not {cfg.task}; check --task")
+    differ = config_differences(state["config"], cfg.to_dict(), "now")
+    if differ:  # main_train.py restores the run's config, so this is data that resolves differently now
+        raise CheckpointError(f"checkpoint {paths.last} was written with another configuration ({differ}); "
+                              f"resume with the data and settings it was trained with, or start a new --name")
     try:  # the config matches, so anything that does not fit is damage inside the file
         scheduler.load_state_dict(state["scheduler"], dev)
         load_weights(model, state)
@@ -349,14 +434,14 @@ def _summarize(cfg, paths, data, dev, dtype, backend, info, scheduler, step, tim
     test = evaluate(eval_model, data.eval_batches("test"), dev, dtype)
     dev_res = evaluate(eval_model, data.eval_batches("dev"), dev, dtype)
     majority = majority_rate(data.labels("test"))
-    t = cfg.training
     summary = {
         "task": cfg.task, "name": paths.name, "steps": step, "best_step": best["step"],
         "transition_step": scheduler.transition_step, "transition_reason": scheduler.transition_reason,
         "densify_step": scheduler.densify_step,
         "dev_accuracy": dev_res["accuracy"], "test_accuracy": test["accuracy"], "test_majority_rate": majority,
         "dev_top5": dev_res["top5"], "test_top5": test["top5"],
-        "world_size": info.world, "global_batch_size": info.world * t.batch_size,
+        "world_size": info.world, "global_batch_size": rank_batch(cfg, info.world) * info.world,
+        "rank_batch_size": rank_batch(cfg, info.world),
         "dense_steps_per_sec": _rate(timing, "dense"), "sparse_steps_per_sec": _rate(timing, "sparse"),
         "peak_memory_mb": peak_memory_mb(dev), "density": cfg.sparsity.density,
         "density_used": scheduler.density_used, "added_diagonal_blocks": scheduler.added_diagonal,

@@ -7,6 +7,8 @@ Images are uint8 arrays in (3, H, W) order (TensorBoard's CHW), built with numpy
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -95,8 +97,14 @@ def attention_overlay(pooled: torch.Tensor, layout: torch.Tensor, target: int = 
 def monitor_layout(num_layers: int, skew_tag: str, drift_tag: str, sk_tag: str, ds_tag: str) -> dict:
     """A TensorBoard custom-scalars layout: one chart of every layer's skewness with the `--sk` threshold,
     one of every layer's drift with the `--ds` threshold, so a user sees when and why the switch fired.
-    `skew_tag`/`drift_tag` are tag prefixes to which the layer index is appended."""
-    skew = [f"{skew_tag}{i}" for i in range(num_layers)] + [sk_tag]
-    drift = [f"{drift_tag}{i}" for i in range(num_layers)] + [ds_tag]
+    `skew_tag`/`drift_tag` are tag prefixes to which the layer index is appended. TensorBoard reads each entry
+    as a regular expression matched at the start of a tag, so each is escaped and anchored at its end too
+    (otherwise layer1 would also draw layer10-19)."""
+    skew = [_exact(f"{skew_tag}{i}") for i in range(num_layers)] + [_exact(sk_tag)]
+    drift = [_exact(f"{drift_tag}{i}") for i in range(num_layers)] + [_exact(ds_tag)]
     return {"switch": {"skewness (switch needs every layer >= sk)": ["Multiline", skew],
                        "drift % (switch needs every layer < ds)": ["Multiline", drift]}}
+
+
+def _exact(tag: str) -> str:
+    return re.escape(tag) + "$"

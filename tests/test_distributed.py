@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import ROOT, small_listops
 
 SETS = ['model.mlp="monarch"', "model.nblocks=2", "sparsity.s2d_fraction=0.625", "model.num_layers=2",
-        "model.dim=16", "model.hidden_dim=32", "model.head_dim=8", "training.batch_size=4",
+        "model.dim=16", "model.hidden_dim=32", "model.head_dim=8", "training.batch_size=8",
         "training.eval_frequency=4", "dataset.max_seq_len=64", "sparsity.block_size=16",
         "sparsity.density=0.2"]
 
@@ -44,6 +44,57 @@ def test_lra_two_ranks_take_transitions_together(tmp_path):
     assert e.returncode == 0, e.stderr[-3000:]
     out = json.loads(e.stdout.strip().splitlines()[-1])
     assert out["checkpoint_step"] == 24 and out["attention"] == "block-sparse"
+
+
+SAME = ["--task", "lra-listops", "--train_steps", "4", "--max_dense_steps", "2", "--random", "5", "--no_progress",
+        "--backend", "torch", "--device", "cpu", "--name", "same", "--set=model.num_layers=2", "--set=model.dim=16",
+        "--set=model.hidden_dim=32", "--set=model.head_dim=8", "--set=training.batch_size=8",
+        "--set=training.eval_frequency=2", "--set=dataset.max_seq_len=64", "--set=sparsity.block_size=16",
+        "--set=sparsity.density=0.2", "--set=model.dropout=0.0", "--set=model.attn_dropout=0.0"]
+
+
+def _losses(root) -> list[float]:
+    lines = (root / "logs" / "log-5" / "lra-listops" / "same.losses.tsv").read_text().splitlines()
+    return [float(line.split("\t")[1]) for line in lines]
+
+
+@pytest.mark.slow
+def test_two_ranks_run_the_one_rank_experiment(tmp_path):
+    """batch_size is the global batch of an LRA task: on 2 ranks each takes 4 of the 8 examples the 1-rank run
+    takes, the same 8 (one shuffle, each rank its slice), so the logged loss (the whole batch's) is the 1-rank
+    run's, step after step (no dropout: its streams are per rank)."""
+    data = small_listops(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for world in (1, 2):
+        root = tmp_path / f"world{world}"
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+                    if world == 2 else [sys.executable])
+        r = subprocess.run([*launcher, str(ROOT / "main_train.py"), *SAME, "--data_dir", str(data), "--root",
+                            str(root)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-5000:]
+        per = 8 // world
+        assert f"batch: 8 examples a step, {per} on each of {world} rank(s)" in r.stdout
+        s = json.loads((root / "logs" / "log-5" / "lra-listops" / "same.summary.json").read_text())
+        assert (s["world_size"], s["global_batch_size"], s["rank_batch_size"]) == (world, 8, per)
+        runs[world] = _losses(root)
+    one, two = runs[1], runs[2]
+    assert len(one) == len(two) == 4
+    assert two[0] == pytest.approx(one[0], rel=1e-6)  # the first step: same weights, same 8 examples
+    assert two == pytest.approx(one, rel=1e-4)  # then the same averaged gradients (up to summation order)
+
+
+def test_a_global_batch_that_does_not_split_is_refused(tmp_path):
+    """3 ranks for a batch of 8: one line naming the world sizes that work, exit 2, nothing written. WORLD_SIZE is
+    what torchrun sets; the check comes before the process group is joined, so no launcher is needed."""
+    data = small_listops(tmp_path)
+    env = {**os.environ, "WORLD_SIZE": "3", "RANK": "0"}
+    r = subprocess.run([sys.executable, str(ROOT / "main_train.py"), *SAME, "--data_dir", str(data), "--root",
+                        str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and r.stderr == (
+        "error: training.batch_size 8 is the global batch of task lra-listops and does not split over 3 ranks; run "
+        "on 1, 2, 4, 8 rank(s), or pass --batch_size a multiple of 3\n")
+    assert not (tmp_path / "run").exists()
 
 
 # Under torchrun: threads alive before joining the group, DDP built (as training does; it imports

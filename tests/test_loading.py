@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from sat.config import load_config
+from sat.config import ConfigError, load_config
 from sat.data.batch import Batch
 from sat.data.format import DataError, Split, save_meta, save_split
 from sat.data.listops import TOKENS
-from sat.data.loading import load_task_data
-from sat.data.lra import LRALoader
+from sat.data.loading import describe_batch, load_task_data, rank_batch
 from tests.test_vit import CLASSES, make_image_folder
 
 TASK = "lra-listops"
@@ -46,15 +45,46 @@ def test_lra_splits_batches_and_rank_shards(lra_dir):
     np.testing.assert_array_equal(data.labels("test"), data.splits["test"].y)
     batch = next(data.train_stream(seed=3))
     assert isinstance(batch, Batch) and batch.x.shape == (4, 16) and batch.mask.shape == (4, 16)
-    # two ranks take the two halves of the same global batch of 2 x 4
-    whole = next(LRALoader(data.splits["train"], 8, 16, shuffle=True, seed=3, repeat=True, drop_last=True))
-    shards = [next(data.train_stream(seed=3, rank=r, world=2)) for r in range(2)]
-    ids = sorted(int(i) for s in shards for i in s.x[:, 0])
-    assert ids == sorted(whole.x[:, 0].tolist()) and len(set(ids)) == 8
+    # batch_size is the global batch: two ranks take the two halves of the one-rank run's batch, step after step
+    one, two = data.train_stream(seed=3), [data.train_stream(seed=3, rank=r, world=2) for r in range(2)]
+    for _ in range(6):  # past an epoch (16 examples = 4 batches): the reshuffle agrees too
+        whole = next(one)
+        shards = [next(s) for s in two]
+        assert [len(s) for s in shards] == [2, 2]
+        ids = sorted(int(i) for s in shards for i in s.x[:, 0])
+        assert ids == sorted(whole.x[:, 0].tolist()) and len(set(ids)) == 4
     # evaluation: one ordered pass; with two ranks every example once
     assert torch.cat([b.x[:, 0] for b in data.eval_batches("dev")]).tolist() == list(range(6))
     shared = [int(i) for r in range(2) for b in data.eval_batches("dev", r, 2) for i in b.x[:, 0]]
     assert sorted(shared) == list(range(6))
+
+
+def test_lra_batch_is_global_and_must_split_over_the_ranks():
+    cfg = load_config(TASK, overrides={"training": {"batch_size": 12}})
+    assert [rank_batch(cfg, w) for w in (1, 2, 3, 4, 6, 12)] == [12, 6, 4, 3, 2, 1]
+    with pytest.raises(ConfigError) as e:
+        rank_batch(cfg, 5)
+    assert str(e.value) == ("training.batch_size 12 is the global batch of task lra-listops and does not split over "
+                            "5 ranks; run on 1, 2, 3, 4, 6, 12 rank(s), or pass --batch_size a multiple of 5")
+    big = load_config(TASK, overrides={"training": {"batch_size": 1024}})
+    with pytest.raises(ConfigError, match=r"run on 1, 2, 4, 8, 16, 32, 64 rank\(s\)"):  # a sensible maximum listed
+        rank_batch(big, 3)
+    assert describe_batch(cfg, 3) == ("batch: 12 examples a step, 4 on each of 3 rank(s) (training.batch_size 12 is "
+                                      "the global batch for this task)")
+
+
+def test_image_batch_stays_per_gpu():
+    cfg = load_config("imagenet-vit-ti", "tiny")
+    assert rank_batch(cfg, 3) == 8 and describe_batch(cfg, 3).startswith("batch: 24 examples a step, 8 on each")
+
+
+def test_a_split_smaller_than_the_global_batch_is_refused_on_several_ranks(lra_dir):
+    cfg = load_config(TASK, overrides={"dataset": {"max_seq_len": 16}, "training": {"batch_size": 32},
+                                       "sparsity": {"block_size": 4, "density": 0.25}})
+    data = load_task_data(cfg, lra_dir)
+    assert len(next(data.train_stream(seed=0))) == 16  # one rank: the whole split each step, as before
+    with pytest.raises(ConfigError, match="16 examples, fewer than the global batch 32"):
+        data.train_stream(seed=0, rank=0, world=2)
 
 
 def test_missing_data_dir_is_a_data_error(tmp_path):

@@ -18,11 +18,13 @@ from sat.sparsity.pattern import (
 @pytest.mark.parametrize("heads", [None, 3])
 def test_topk_count_plus_added_diagonal(nb, density, heads):
     g = torch.rand((nb, nb) if heads is None else (heads, nb, nb))
-    layout, added = topk_layout(g, density)
+    layout, added_blocks = topk_layout(g, density)
+    added = int(added_blocks.sum())
     h = 1 if heads is None else heads
     k = int(nb * nb * density)
     assert layout.shape == (h, nb, nb) and layout.dtype == torch.bool
     assert int(layout.sum()) == h * k + added
+    assert not (added_blocks & ~torch.eye(nb, dtype=torch.bool)).any()  # only diagonal blocks are ever added
     assert layout.any(dim=-1).all()  # no empty query-block row
     for i in range(h):  # the top-k entries are the k largest of G
         gi = g if heads is None else g[i]
@@ -35,7 +37,7 @@ def test_empty_rows_get_their_diagonal_block():
     g = torch.zeros(4, 4)
     g[0, 1] = g[0, 2] = g[0, 3] = g[1, 0] = 1.0  # top-4 lives in rows 0 and 1
     layout, added = topk_layout(g, 0.25)
-    assert added == 2
+    assert added.nonzero().tolist() == [[0, 2, 2], [0, 3, 3]]  # exactly the two blocks the rule added
     assert layout[0, 2, 2] and layout[0, 3, 3]
     assert int(layout.sum()) == 4 + 2
 
@@ -113,7 +115,8 @@ def test_coverage_with_equal_bounds_is_the_top_k_of_the_mass():
         for per_head in (False, True):
             result = coverage_layout(mass, 0.5, density, density, per_head)
             expected, added = topk_layout(mass if per_head else mass.sum(dim=0), density)
-            assert torch.equal(result.layout, expected) and result.added == added
+            assert torch.equal(result.layout, expected) and torch.equal(result.added_blocks, added)
+            assert result.added == int(added.sum())
 
 
 def test_coverage_target_one_stops_at_the_last_block_with_mass():
@@ -170,6 +173,6 @@ def test_ranked_layout_and_fill_empty_rows():
     scores = torch.tensor([[[4.0, 3.0], [0.0, 1.0]], [[0.0, 1.0], [2.0, 0.0]]])
     layout, added = ranked_layout(scores, torch.tensor([2, 1]))
     assert layout.tolist() == [[[True, True], [False, True]], [[True, False], [True, False]]]
-    assert added == 2  # map 0: row 1 gets (1, 1); map 1: row 0 gets (0, 0)
+    assert added.nonzero().tolist() == [[0, 1, 1], [1, 0, 0]]  # map 0: row 1 gets (1, 1); map 1: row 0 gets (0, 0)
     full, none_added = fill_empty_rows(torch.ones(1, 3, 3, dtype=torch.bool))
-    assert none_added == 0 and bool(full.all())
+    assert not none_added.any() and bool(full.all())

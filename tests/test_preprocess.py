@@ -374,15 +374,24 @@ def test_csv_text_trains_as_a_task(tmp_path: Path) -> None:
     r = run_module("preprocess.create_csv_text", "--train", str(train), "--test", str(test), "--out",
                    str(tmp_path / "agnews"), "--name", "agnews", "--max_len", "32")
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "main_train.py"), "--task", "csv-text", "--data_dir",
-                        str(tmp_path / "agnews"), "--root", str(tmp_path), "--name", "ag", "--train_steps", "4",
-                        "--no_progress", "--set=dataset.max_seq_len=32", "--set=sparsity.block_size=8",
-                        "--set=sparsity.density=0.25", "--set=training.batch_size=4",
-                        "--set=training.eval_frequency=2", "--set=training.warmup_steps=1",
-                        "--set=model.num_layers=1", "--max_dense_steps", "2"],
-                       capture_output=True, text=True, timeout=600)
+    argv = ["--task", "csv-text", "--data_dir", str(tmp_path / "agnews"), "--root", str(tmp_path), "--name", "ag",
+            "--train_steps", "4", "--no_progress", "--set=dataset.max_seq_len=32", "--set=sparsity.block_size=8",
+            "--set=sparsity.density=0.25", "--set=training.batch_size=4", "--set=training.eval_frequency=2",
+            "--set=training.warmup_steps=1", "--set=model.num_layers=1", "--max_dense_steps", "2"]
+    r = subprocess.run([sys.executable, str(ROOT / "main_train.py"), *argv], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "logs" / "log-1001" / "csv-text" / "ag.summary.json").read_text())
     assert summary["task"] == "csv-text" and summary["transition_step"] == 2
     log = (tmp_path / "logs" / "log-1001" / "csv-text" / "ag.log").read_text()
     assert "dev accuracy" in log and "top-5" not in log  # 4 classes: no top-5 in the text
+    assert "None" not in log
+    # the same command line evaluates the run (4 classes: no top-5 there either)
+    e = subprocess.run([sys.executable, str(ROOT / "main_inference.py"), *argv], capture_output=True, text=True,
+                       timeout=600)
+    assert e.returncode == 0, e.stderr[-2000:]
+    line, result = e.stdout.strip().splitlines()
+    assert "top-5" not in line and json.loads(result)["accuracy"] == pytest.approx(summary["test_accuracy"])
+    readme = (ROOT / "README.md").read_text()  # the README gives the commands this test runs
+    assert "python -m preprocess.create_csv_text --train train.csv --test test.csv --out data/agnews" in readme
+    assert "python main_train.py --task csv-text --data_dir data/agnews" in readme

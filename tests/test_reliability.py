@@ -117,7 +117,8 @@ def _inode(path: Path) -> int | None:
 def run_until_killed(root: Path, data: Path, target: int, delay: float) -> tuple[int, int | None]:
     """Start (or resume) the run, SIGKILL it `delay` seconds after it logged step `target`; returns (the last
     step in the loss log after the kill, the exit code if it finished first, else None)."""
-    resume = ["--resume"] if (ckpt_dir(root) / "run.last.model").exists() else []
+    # a run killed before its first checkpoint is started again under its name with --overwrite
+    resume = ["--resume"] if (ckpt_dir(root) / "run.last.model").exists() else ["--overwrite"]
     loss_file = run_dir(root) / "run.losses.tsv"
     old = _inode(loss_file)
     proc = subprocess.Popen(command(root, data, *resume), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

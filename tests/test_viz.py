@@ -58,5 +58,16 @@ def test_monitor_layout_names_every_layer_and_the_thresholds() -> None:
                          "monitor/threshold/ds")
     charts = lay["switch"]
     skew, drift = charts.values()
-    assert skew == ["Multiline", ["monitor/skewness/layer0", "monitor/skewness/layer1", "monitor/threshold/sk"]]
-    assert drift[1][-1] == "monitor/threshold/ds"
+    assert skew == ["Multiline", ["monitor/skewness/layer0$", "monitor/skewness/layer1$", "monitor/threshold/sk$"]]
+    assert drift[1][-1] == "monitor/threshold/ds$"
+
+
+def test_monitor_layout_tags_match_one_layer_each() -> None:
+    """TensorBoard matches each entry as a regex at the start of a tag: layer1 must not draw layer10."""
+    import re
+
+    lay = monitor_layout(12, "monitor/skewness/layer", "monitor/drift/layer", "monitor/threshold/sk",
+                         "monitor/threshold/ds")
+    skew = next(iter(lay["switch"].values()))[1]
+    tags = [f"monitor/skewness/layer{i}" for i in range(12)]
+    assert [t for t in tags if re.match(skew[1], t)] == ["monitor/skewness/layer1"]

@@ -52,6 +52,33 @@ def prepare_data(cfg: TaskConfig, data_dir: Path) -> None:
                                extra_meta={"generate": gen})
 
 
+MAX_LISTED_WORLD = 64  # a refused LRA batch lists the world sizes that split it, up to this many ranks
+
+
+def rank_batch(cfg: TaskConfig, world: int) -> int:
+    """Examples each rank trains on per step. LRA tasks: `training.batch_size` is the global batch (SAT's
+    meaning, so a run is the same experiment on any number of ranks), split evenly over the ranks; a batch
+    that does not split is a ConfigError naming the world sizes that do. Image-folder tasks: it is the batch
+    per GPU, as in the DeiT recipe they follow."""
+    bs = cfg.training.batch_size
+    if cfg.dataset.kind == "image_folder":
+        return bs
+    if bs % world:
+        valid = [w for w in range(1, min(bs, MAX_LISTED_WORLD) + 1) if bs % w == 0]
+        raise ConfigError(f"training.batch_size {bs} is the global batch of task {cfg.task} and does not split "
+                          f"over {world} ranks; run on {', '.join(map(str, valid))} rank(s), or pass "
+                          f"--batch_size a multiple of {world}")
+    return bs // world
+
+
+def describe_batch(cfg: TaskConfig, world: int) -> str:
+    """The start-of-run line on the batch: global, per rank, and what training.batch_size means here."""
+    per = rank_batch(cfg, world)
+    meaning = "the batch per GPU" if cfg.dataset.kind == "image_folder" else "the global batch"
+    return (f"batch: {per * world} examples a step, {per} on each of {world} rank(s) (training.batch_size "
+            f"{cfg.training.batch_size} is {meaning} for this task)")
+
+
 @dataclass
 class TaskData:
     """A task's validated splits and how batches come out of them, whatever the task family."""
@@ -76,15 +103,21 @@ class TaskData:
         return s.targets if hasattr(s, "targets") else s.y
 
     def train_stream(self, seed: int, rank: int = 0, world: int = 1):
-        """Endless training batches of this rank (`batch_size` each) with state_dict/load_state_dict."""
+        """Endless training batches of this rank (`rank_batch` examples each) with state_dict/load_state_dict.
+        LRA tasks: every rank draws the same global batch, from the same shuffle, as a one-rank run does, and
+        keeps its slice of it, so a step sees the same examples on any number of ranks."""
         bs = self.cfg.training.batch_size
         split = self.splits["train"]
         if self.image_folders:
             from sat.data.image_stream import ImageTrainStream
 
             return ImageTrainStream(split, bs, self.cfg.dataset.num_workers, seed, rank, world)
-        loader = LRALoader(split, bs * world, self.cfg.dataset.max_seq_len, shuffle=True, seed=seed, repeat=True,
-                           drop_last=len(split) >= bs * world)
+        rank_batch(self.cfg, world)  # the global batch must split evenly
+        if world > 1 and len(split) < bs:  # a smaller batch would not split evenly (or leave a rank without data)
+            raise ConfigError(f"the training split has {len(split)} examples, fewer than the global batch {bs}; "
+                              f"lower --batch_size to a multiple of {world} of at most {len(split)}")
+        loader = LRALoader(split, bs, self.cfg.dataset.max_seq_len, shuffle=True, seed=seed, repeat=True,
+                           drop_last=len(split) >= bs)
         return _RankSlices(loader, rank, world) if world > 1 else loader
 
     def eval_batches(self, split: str, rank: int = 0, world: int = 1):
@@ -155,8 +188,9 @@ def _image_folder_splits(cfg: TaskConfig, data_dir: Path, need_train: bool) -> d
 
 
 class _RankSlices:
-    """Rank-sharded LRA batches: every rank draws the same global batch (batch_size * world, same shuffle) and
-    keeps its slice rank::world, so ranks never overlap and the loader state is the same on every rank."""
+    """Rank-sharded LRA batches: every rank draws the same global batch (batch_size, same shuffle) and keeps
+    its slice rank::world, so ranks never overlap, together they hold exactly the one-rank run's batch, and
+    the loader state is the same on every rank."""
 
     def __init__(self, loader: LRALoader, rank: int, world: int) -> None:
         self.loader, self.rank, self.world = loader, rank, world

@@ -57,6 +57,7 @@ class Attention(nn.Module):
         self.register_buffer("layout", torch.ones(hp, nb, nb, dtype=torch.bool))
         self.register_buffer("sparse", torch.zeros((), dtype=torch.bool))
         self.stats: AttentionStats | None = None
+        self.added_blocks: torch.Tensor | None = None  # set at the switch; not state (only the picture uses it)
         self._is_sparse = False  # host copy of `sparse`, so the hot path never reads a device flag
 
     def importance(self) -> torch.Tensor:
@@ -66,18 +67,23 @@ class Attention(nn.Module):
             return p @ p.transpose(-2, -1)
         return self.pattern_mean
 
-    def sparsify(self, density: float, layout: torch.Tensor | None = None) -> int:
+    def sparsify(self, density: float, layout: torch.Tensor | None = None,
+                 added: torch.Tensor | None = None) -> int:
         """Freeze the pattern and switch to block-sparse attention over `layout` (1 or H, nb, nb) when given
-        (a coverage layout), else over the top-k layout of the pattern; returns how many diagonal blocks the
-        top-k rule added (0 for a given layout, whose chooser counts its own)."""
-        added = 0
+        (a coverage layout, with the diagonal blocks its chooser `added` to empty rows), else over the top-k
+        layout of the pattern; returns how many diagonal blocks the top-k rule added (0 for a given layout,
+        whose chooser counts its own). Which blocks were added stays in `added_blocks` (the switch's picture
+        marks them)."""
+        count = 0
         if layout is None:
             layout, added = topk_layout(self.importance(), density)
+            count = int(added.sum())
         self.layout.copy_(layout.to(self.layout.device).expand_as(self.layout))
+        self.added_blocks = None if added is None else added.detach().cpu()
         self.sparse.fill_(True)
         self._is_sparse = True
         self.pattern_weight.requires_grad_(False)
-        return added
+        return count
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

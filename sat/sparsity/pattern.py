@@ -3,7 +3,8 @@
 "learned": each attention layer owns P (nb, head_dim), G = P P^T is trained during the dense phase by
 MSE(avgpool(probs), G). "measured": G is the running mean of the block-pooled attention map (no extra loss).
 At the switch the layout is the top-k of G with k = int(nb * nb * density), plus the diagonal block of any
-query-block row left empty, so that no softmax row is empty.
+query-block row left empty, so that no softmax row is empty (the choosers return which blocks that rule added,
+so that the pictures can show them apart).
 "coverage": the fewest blocks whose measured attention mass (sat.sparsity.recall.block_mass) reaches a
 fraction of the total, within density bounds, with the same diagonal rule for empty rows.
 """
@@ -28,11 +29,12 @@ def pattern_loss(pooled: torch.Tensor, importance: torch.Tensor) -> torch.Tensor
     return F.mse_loss(importance.expand_as(pooled).float(), pooled.float())
 
 
-def topk_layout(importance: torch.Tensor, density: float) -> tuple[torch.Tensor, int]:
+def topk_layout(importance: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k layout of a block-importance map, per leading index.
 
-    importance: (nb, nb) or (H, nb, nb). Returns (layout bool (1 or H, nb, nb), number of diagonal blocks added
-    to rows that the top-k left empty). k = int(nb * nb * density) blocks per map before the additions.
+    importance: (nb, nb) or (H, nb, nb). Returns (layout bool (1 or H, nb, nb), the diagonal blocks added to
+    rows that the top-k left empty, bool of the same shape). k = int(nb * nb * density) blocks per map before
+    the additions.
     """
     g = importance.detach().float()
     if g.dim() == 2:
@@ -48,15 +50,13 @@ def topk_layout(importance: torch.Tensor, density: float) -> tuple[torch.Tensor,
     return fill_empty_rows(layout.reshape(h, nb, nb))
 
 
-def fill_empty_rows(layout: torch.Tensor) -> tuple[torch.Tensor, int]:
+def fill_empty_rows(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Give every query-block row of a (h, nb, nb) bool layout without an active block its diagonal block, in
-    place; returns (layout, number of blocks added)."""
+    place; returns (layout, the blocks added: bool (h, nb, nb))."""
     nb = layout.shape[-1]
     empty = ~layout.any(dim=-1)  # (h, nb): query-block rows with no active key block
-    added = int(empty.sum())
-    if added:
-        diag = torch.eye(nb, dtype=torch.bool, device=layout.device).unsqueeze(0) & empty.unsqueeze(-1)
-        layout |= diag
+    added = torch.eye(nb, dtype=torch.bool, device=layout.device).unsqueeze(0) & empty.unsqueeze(-1)
+    layout |= added
     return layout, added
 
 
@@ -67,9 +67,10 @@ def ranked_blocks(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores.reshape(h, -1), dim=-1, descending=True, stable=True).indices
 
 
-def ranked_layout(scores: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, int]:
+def ranked_layout(scores: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The counts[i] highest-scoring blocks of map i (ties as in ranked_blocks), plus the diagonal block of every
-    row left empty. scores: (h, nb, nb); counts: (h,) ints. Returns (layout bool (h, nb, nb), blocks added)."""
+    row left empty. scores: (h, nb, nb); counts: (h,) ints. Returns (layout bool (h, nb, nb), the blocks added,
+    bool (h, nb, nb))."""
     h, nb, _ = scores.shape
     order = ranked_blocks(scores)  # (h, nb*nb)
     positions = torch.arange(nb * nb, device=scores.device).unsqueeze(0)  # (1, nb*nb)
@@ -83,6 +84,7 @@ class CoverageLayout(NamedTuple):
     density_used: float   # active blocks / all blocks of the layout, the added diagonal blocks included
     added: int            # diagonal blocks added to rows the selection left empty
     selected: list[int]   # blocks chosen per map (1 or H) before those diagonal blocks
+    added_blocks: torch.Tensor  # bool, shaped like layout: which blocks those added ones are
 
 
 def coverage_layout(block_mass: torch.Tensor, recall_target: float, min_density: float, max_density: float,
@@ -121,4 +123,4 @@ def coverage_layout(block_mass: torch.Tensor, recall_target: float, min_density:
     reached = kept >= recall_target * kept[:, -1:]
     counts = (reached.to(torch.int64).argmax(dim=1) + 1).clamp(lowest, highest)  # (h,)
     layout, added = ranked_layout(mass, counts)
-    return CoverageLayout(layout, int(layout.sum()) / layout.numel(), added, counts.tolist())
+    return CoverageLayout(layout, int(layout.sum()) / layout.numel(), int(added.sum()), counts.tolist(), added)

@@ -89,7 +89,7 @@ class TransitionScheduler:
                       for m in masses]
             self.added_diagonal = sum(ch.added for ch in chosen)
             for layer, ch in zip(layers, chosen, strict=True):
-                layer.sparsify(c.density, ch.layout)
+                layer.sparsify(c.density, ch.layout, ch.added_blocks)
         else:
             self.added_diagonal = sum(layer.sparsify(c.density) for layer in layers)
         for layer in layers:
@@ -101,7 +101,8 @@ class TransitionScheduler:
         self.transition_step, self.transition_reason = step, reason
         self.lr_scale = c.lr_scale_after_transition
         details = {"added_diagonal": self.added_diagonal, "density_used": self.density_used,
-                   "density_per_layer": per_layer, "layouts": [layer.layout.cpu() for layer in layers]}
+                   "density_per_layer": per_layer, "layouts": [layer.layout.cpu() for layer in layers],
+                   "added_blocks": [layer.added_blocks for layer in layers]}  # rank 0's, like the layouts
         if masses is not None:
             layer_recall = [recall_summary(m, layer.layout.cpu(), c.per_head) for m, layer in zip(masses, layers,
                                                                                                    strict=True)]
