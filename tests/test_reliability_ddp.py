@@ -153,8 +153,12 @@ def _alive(pid: int) -> bool:
 
 def kill_rank_after(root: Path, data: Path, rank: int, step: int, *extra: str) -> subprocess.CompletedProcess:
     """Start the run, SIGKILL worker `rank` once the loss log reached `step`; returns torchrun's result."""
+    # The run goes at a lower CPU priority than this process: on a machine busy with other work the killer must
+    # still see step `step` before the ranks are far past it (starved of CPU, it once read the loss log only
+    # after the run had finished).
     proc = subprocess.Popen(
-        torchrun(root, data, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+        ["nice", "-n", "5", *torchrun(root, data, *extra)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=ENV,
     )
     deadline = time.monotonic() + 240
     log = run_dir(root) / "ddp.losses.tsv"
