@@ -62,6 +62,7 @@ VALID = {
         "clip_value": st.floats(0, 10),
         "amp": st.sampled_from(["auto", "off", "bf16", "fp16"]),
         "label_smoothing": st.floats(0, 0.9),
+        "checkpoint_every": st.integers(0, 10**6) | st.integers(1, 600).map(lambda m: f"{m}min"),
     },
     "sparsity": {
         "sk": st.floats(0, 10),
@@ -70,7 +71,7 @@ VALID = {
         "monitor_every": st.integers(1, 10),
         "max_dense_steps": st.integers(0, 10**5),
         "lr_scale_after_transition": pos_float,
-        "pattern": st.sampled_from(["learned", "measured"]),
+        "pattern": st.sampled_from(["learned", "measured", "coverage"]),
         "per_head": st.booleans(),
         "s2d_fraction": st.floats(0.01, 1.0),
         "enabled": st.booleans(),
@@ -159,8 +160,14 @@ def wrong_value(typ: str):
         "bool": st.integers() | st.text(max_size=5) | st.none() | st.floats(),
         "str": st.integers() | st.floats() | st.none() | st.booleans(),
         "dict": st.integers() | st.text(max_size=5) | st.lists(st.integers(), max_size=2),
+        "int | str": st.floats(allow_nan=False) | st.booleans() | st.none() | st.lists(st.integers(), max_size=2),
     }
     return others[typ]
+
+
+def test_every_config_field_type_has_wrong_values():
+    for typ in set(FIELD_TYPES.values()):  # a new field type must get its wrong values here, or the draw below fails
+        wrong_value(typ)
 
 
 @st.composite
