@@ -94,6 +94,7 @@ PRESETS = {
         },
     },
     # Long sequences, where sparse attention pays: LRA-length ListOps trees (256 < length < 1024), N=1024.
+    # As set here the model learns only the label frequencies in 1500 steps (bench/results/long-preset.txt).
     "long": {
         "lra-listops": {
             "dataset": {"max_seq_len": 1024, "generate": {"n_train": 8000, "n_val": 500, "n_test": 2000,
