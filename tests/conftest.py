@@ -1,3 +1,4 @@
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,3 +29,17 @@ def small_listops(root: Path, n_train: int = 40, n_val: int = 8, n_test: int = 8
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def worker_pids(launcher: int) -> dict[int, int]:
+    """rank -> pid of torchrun's worker processes (read from their environment)."""
+    ranks = {}
+    for pid in subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout.split():
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        rank = [e[5:] for e in env if e.startswith(b"RANK=")]
+        if rank:
+            ranks[int(rank[0])] = int(pid)
+    return ranks

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sat.checkpoint import load_checkpoint
-from tests.conftest import ROOT, small_listops
+from tests.conftest import ROOT, small_listops, worker_pids
 
 SEED = 3
 SETS = ["model.num_layers=1", "model.dim=16", "model.hidden_dim=32", "model.head_dim=8", "training.batch_size=4",
@@ -197,20 +197,6 @@ except ImportError:  # pragma: no cover
     HAS_GLOO = False
 
 
-def _worker_pids(launcher: int) -> dict[int, int]:
-    """rank -> pid of torchrun's worker processes (read from their environment)."""
-    ranks = {}
-    for pid in subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout.split():
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        rank = [e[5:] for e in env if e.startswith(b"RANK=")]
-        if rank:
-            ranks[int(rank[0])] = int(pid)
-    return ranks
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_GLOO, reason="torch.distributed with gloo is not available")
 def test_torchrun_ranks_stop_at_the_same_step(data, tmp_path):
@@ -219,7 +205,7 @@ def test_torchrun_ranks_stop_at_the_same_step(data, tmp_path):
     proc = subprocess.Popen([*torchrun, *ARGS, "--data_dir", str(data), "--name", "ddp"], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(proc, run_dir(tmp_path) / "ddp.losses.tsv", 3)
-    workers = _worker_pids(proc.pid)
+    workers = worker_pids(proc.pid)
     assert set(workers) == {0, 1}
     os.kill(workers[0], signal.SIGINT)  # rank 0 alone: rank 1 learns it through the per-step check
     out, err = proc.communicate(timeout=180)

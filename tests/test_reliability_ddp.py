@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sat.checkpoint import load_checkpoint
-from tests.conftest import ROOT, small_listops
+from tests.conftest import ROOT, small_listops, worker_pids
 
 try:
     import torch.distributed as dist
@@ -128,20 +128,6 @@ def _last_step(root: Path) -> int:
     return int(lines[-1].split("\t")[0]) if lines else 0
 
 
-def _worker_pids(launcher: int) -> dict[int, int]:
-    """rank -> pid of torchrun's worker processes (read from their environment)."""
-    ranks = {}
-    for pid in subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout.split():
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        rank = [e[5:] for e in env if e.startswith(b"RANK=")]
-        if rank:
-            ranks[int(rank[0])] = int(pid)
-    return ranks
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -170,7 +156,7 @@ def kill_rank_after(root: Path, data: Path, rank: int, step: int, *extra: str) -
         time.sleep(0.005)
     while proc.poll() is None and time.monotonic() < deadline and _last_step(root) < step:
         time.sleep(0.005)
-    workers = _worker_pids(proc.pid)
+    workers = worker_pids(proc.pid)
     assert proc.poll() is None and set(workers) == {0, 1}, "the run ended before the kill"
     os.kill(workers[rank], signal.SIGKILL)
     killed = time.monotonic()
