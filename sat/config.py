@@ -129,11 +129,12 @@ def _suggest(name: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
+    """`extra` laid over `base` (nested dicts merged key by key; dataset.generate replaced whole)."""
     out = copy.deepcopy(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "generate":
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -310,9 +311,9 @@ def load_config(task: str, preset: str | None = None, overrides: dict | None = N
         raise ConfigError(f"unknown task {task!r}{_suggest(task, configs)}; choose one of {', '.join(sorted(configs))}")
     raw = configs[task]
     if preset:
-        raw = _merge(raw, preset_values(task, preset))
+        raw = merge(raw, preset_values(task, preset))
     if overrides:
-        raw = _merge(raw, overrides)
+        raw = merge(raw, overrides)
     check_sections(raw)
     built = {name: _build_section(name, raw.get(name, {})) for name in SECTIONS}
     return validate(_derive(TaskConfig(task=task, **built)))
@@ -332,11 +333,6 @@ def check_sections(raw: dict) -> None:
         if section not in SECTIONS:
             raise ConfigError(f"unknown config section {section!r}{_suggest(section, SECTIONS)}; sections are "
                               f"{', '.join(SECTIONS)}")
-
-
-def merge(base: dict, extra: dict) -> dict:
-    """`extra` laid over `base` (nested dicts merged key by key; dataset.generate replaced whole)."""
-    return _merge(base, extra)
 
 
 def from_dict(d: dict) -> TaskConfig:

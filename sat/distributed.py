@@ -99,15 +99,6 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    """True only if `flag` is True on every rank."""
-    if not current().enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
-
-
 def finite_and_stop(finite: bool, stop: int, device: torch.device) -> tuple[bool, int]:
     """(`finite` on every rank, the largest `stop` request of any rank: a signal number or 0), in one
     collective. The training loop's per-step check: the stop request rides on the finiteness check it already

@@ -113,7 +113,7 @@ before = tasks()
 info, _ = distributed.init_from_env("cpu")
 net = DistributedDataParallel(torch.nn.Linear(4, 2))
 net(torch.ones(3, 4)).sum().backward()
-distributed.all_ranks_true(True, torch.device("cpu"))
+distributed.finite_and_stop(True, 0, torch.device("cpu"))
 del net
 distributed.shutdown()
 left = sorted(name for t, name in tasks().items() if t not in before)
