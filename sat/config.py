@@ -212,7 +212,6 @@ def validate(cfg: TaskConfig) -> TaskConfig:
          "image_folder tasks have one input and num_classes >= 2 (or 0 = count the class folders)"),
         (d.num_workers >= 0 and 0.0 < d.crop_pct <= 1.0,
          "dataset.num_workers must be >= 0, crop_pct in (0, 1]"),
-        (image or m.pooling == "mean", "model.pooling 'cls' needs a class token: image_folder tasks only"),
         (t.warmup_steps >= 0 and t.eval_frequency > 0 and t.num_eval_batches >= 0,
          "training.warmup_steps and num_eval_batches must be >= 0 and eval_frequency > 0"),
         (t.weight_decay >= 0 and t.clip_value >= 0, "training.weight_decay and clip_value must be >= 0"),

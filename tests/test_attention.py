@@ -210,3 +210,4 @@ def test_float64_dense_steps_stay_in_float64():
     plain = attn(x, mask)
     assert monitored.dtype == torch.float64 and not monitored.isnan().any()
     torch.testing.assert_close(monitored, plain, atol=1e-12, rtol=1e-12)
+

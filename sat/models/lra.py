@@ -1,5 +1,5 @@
 """The LRA encoder (SAT's LRA model): embeddings + learned positions, pre-LN blocks, final LN times the
-padding mask, mean pooling, a two-layer head. Two-input tasks (retrieval) run both inputs through the same
+padding mask, mean pooling (SAT) or a class token (model.pooling "cls", LRA's own ListOps model), a two-layer head. Two-input tasks (retrieval) run both inputs through the same
 encoder as one stacked batch and classify [x0, x1, x0*x1, x0-x1].
 """
 
@@ -21,11 +21,18 @@ class LRAModel(nn.Module):
         m = cfg.model
         n = cfg.dataset.max_seq_len
         self.two_inputs = cfg.dataset.two_inputs
+        # Tokens and positions start on the same scale, N(0, 0.02) as in SAT's LRA model: with PyTorch's
+        # default N(0, 1) for tokens, the positions were 50x smaller and a model at N=1024 never learned where
+        # the outermost ListOps operator is (bench/results/long-preset.txt).
         self.embed = nn.Embedding(vocab_size, m.dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
         self.pos = nn.Parameter(torch.randn(1, n, m.dim) * 0.02)  # learned positions, (1, N, C)
         self.drop = Dropout(m.dropout)
         self.blocks = encoder_blocks(cfg, n, backend)
         self.norm = nn.LayerNorm(m.dim)
+        # LRA's class token: a learned vector (zeros at the start, as LRA) in position 0, the input shifted right
+        # by one, so N stays a whole number of blocks and sequences may use N - 1 positions.
+        self.cls = nn.Parameter(torch.zeros(m.dim)) if m.pooling == "cls" else None
         width = m.dim * (4 if self.two_inputs else 1)
         self.head = nn.Sequential(nn.Linear(width, m.hidden_dim), nn.ReLU(),
                                   nn.Linear(m.hidden_dim, cfg.dataset.num_classes))
@@ -35,14 +42,29 @@ class LRAModel(nn.Module):
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor | None, collect: bool) -> torch.Tensor:
         """ids: (B, N); mask: (B, N) bool or None -> pooled features (B, C)."""
-        x = self.drop(self.embed(ids) + self.pos[:, : ids.shape[1]])  # (B, N, C)
+        x = self.embed(ids)  # (B, N, C)
+        if self.cls is not None:
+            x, mask = self._with_class_token(x, mask)
+        x = self.drop(x + self.pos[:, : ids.shape[1]])
         for block in self.blocks:
             x = block(x, mask, collect)
         x = self.norm(x)
+        if self.cls is not None:
+            return x[:, 0]
         if mask is None:
             return x.mean(dim=1)
         m = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
         return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)  # mean over real tokens
+
+    def _with_class_token(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, C) embeddings, (B, N) mask -> the class token then the first N - 1 embeddings, and their mask."""
+        B = x.shape[0]
+        if mask is None or bool(mask[:, -1].any()):
+            raise ValueError(f"model.pooling 'cls' puts a class token in front: sequences may be at most "
+                             f"{x.shape[1] - 1} tokens long, one fewer than dataset.max_seq_len")
+        cls = self.cls.to(x.dtype).expand(B, 1, -1)
+        x = torch.cat([cls, x[:, :-1]], dim=1)
+        return x, torch.cat([mask.new_ones(B, 1), mask[:, :-1]], dim=1)
 
     def forward(self, batch: Batch, collect: bool = False) -> torch.Tensor:
         if not self.two_inputs:
