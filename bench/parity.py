@@ -118,9 +118,13 @@ def report(task: str, preset: str, results: dict[str, list[dict]]) -> str:
             lines.append(f"  {r['seed']} {mode:<9} {100 * r['test_accuracy']:.2f} {r['wall_s']:.1f} "
                          f"{r['transition_step'] or '-'} {r.get('best_step', '-')}({tested_phase(r)}) "
                          f"{'-' if rec is None else f'{rec:.3f}'} "
-                         f"{r['density_used'] or '-'} ({r['dense_steps_per_sec'] or '-'}, "
-                         f"{r['sparse_steps_per_sec'] or '-'})")
+                         f"{_num(r['density_used'], 3)} ({_num(r['dense_steps_per_sec'], 2)}, "
+                         f"{_num(r['sparse_steps_per_sec'], 2)})")
     return "\n".join(lines)
+
+
+def _num(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def main() -> None:

@@ -269,6 +269,20 @@ def test_sequences_longer_than_max_seq_len(data, tmp_path):
     nothing_written(tmp_path)
 
 
+def test_class_token_needs_a_free_position(bad_data, tmp_path):
+    """model.pooling 'cls' takes position 0, so a sequence that fills all max_seq_len positions is refused at
+    start-up (one line), not mid-run."""
+    a = _arrays(bad_data, "train")
+    assert a["x"].shape[1] == 64
+    x, lengths = a["x"].copy(), a["lengths"].copy()
+    x[0, :] = 6  # the digit 0 in every position
+    lengths[0] = 64
+    _rewrite(bad_data, "train", x=x, lengths=lengths)
+    refused(train_cli(tmp_path, bad_data, "--set=model.pooling=cls"),
+            "exceed max_seq_len 64 less the 1 the class token takes")
+    nothing_written(tmp_path)
+
+
 def test_token_ids_outside_vocabulary(bad_data, tmp_path):
     x = _arrays(bad_data, "train")["x"].copy()
     x[0, 0] = 999

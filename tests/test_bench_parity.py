@@ -57,3 +57,18 @@ def test_report_says_which_tested_checkpoints_were_trained_sparse():
     text = parity.report("lra-listops", "quick", {"dense": [dense], "coverage": [early, late]})
     assert "1 of 2 tested checkpoints trained past the switch" in text
     assert "1250(sparse)" in text and "500(dense)" in text
+
+
+def test_listops_rules_read_the_first_token():
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("listops_baselines", ROOT / "bench" / "listops_baselines.py")
+    rules = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rules)
+    # operator 2 ([MAX) -> mostly 9, operator 1 ([MIN) -> mostly 0; 9 is the majority overall
+    train_x = np.array([[2, 7], [2, 6], [2, 8], [1, 7], [1, 9], [2, 6]])
+    train_y = np.array([9, 9, 4, 0, 0, 9])
+    test_x = np.array([[1, 5], [2, 5], [1, 6], [3, 6]])  # operator 3 never seen: the majority's answer
+    test_y = np.array([0, 9, 3, 9])
+    acc = rules.rule_accuracies(train_x, train_y, test_x, test_y)
+    assert acc == {"majority": 0.5, "outermost operator": 0.75}

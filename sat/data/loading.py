@@ -158,7 +158,8 @@ def load_task_data(cfg: TaskConfig, data_dir: Path, need_train: bool = True) -> 
         if s.x.ndim != want:
             raise DataError(f"{data_dir}: {split} has {s.x.ndim - 1}-input shape {s.x.shape} but task {cfg.task} "
                             f"expects {want - 1} input(s)")
-        check_split(s, cfg.dataset.max_seq_len, vocab, f"{cfg.task}.{split}")
+        check_split(s, cfg.dataset.max_seq_len, vocab, f"{cfg.task}.{split}",
+                    reserved=1 if cfg.model.pooling == "cls" else 0)
         splits[split] = s
     return TaskData(cfg, splits, vocab, classes)
 

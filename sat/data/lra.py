@@ -14,13 +14,16 @@ from sat.data.batch import Batch
 from sat.data.format import DataError, Split
 
 
-def check_split(split: Split, seq_len: int, vocab_size: int, name: str) -> None:
-    """Refuse data that does not fit the model: too long, ids outside the vocabulary."""
-    if split.x.shape[-1] > seq_len:
+def check_split(split: Split, seq_len: int, vocab_size: int, name: str, reserved: int = 0) -> None:
+    """Refuse data that does not fit the model: too long, ids outside the vocabulary. `reserved` positions of
+    the seq_len are the model's own (a class token)."""
+    room = seq_len - reserved
+    if split.x.shape[-1] > room:
         longest = int(split.lengths.max())
-        if longest > seq_len:
-            raise DataError(f"{name}: sequences of up to {longest} tokens exceed max_seq_len {seq_len}; raise "
-                            f"dataset.max_seq_len or re-run preprocessing with --max_len {seq_len}")
+        if longest > room:
+            held = f" less the {reserved} the class token takes (model.pooling 'cls')" if reserved else ""
+            raise DataError(f"{name}: sequences of up to {longest} tokens exceed max_seq_len {seq_len}{held}; "
+                            f"raise dataset.max_seq_len or re-run preprocessing with --max_len {room}")
     if split.x.size and (split.x.min() < 0 or split.x.max() >= vocab_size):
         raise DataError(f"{name}: token ids outside [0, {vocab_size - 1}]; the data does not match its meta.json")
 
