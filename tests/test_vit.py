@@ -113,7 +113,7 @@ def test_img_size_override_rederives_the_padded_length():
     (TASK, {"dataset": {"img_size": 100}}, "multiple of dataset.patch_size"),
     (TASK, {"dataset": {"max_seq_len": 64}}, "shorter than the 197 image tokens"),
     ("lra-image", {"training": {"mixup": 0.8}}, "image_folder tasks only"),
-    ("lra-image", {"model": {"pooling": "cls"}}, "image_folder tasks only"),
+    ("lra-image", {"model": {"pooling": "max"}}, "pooling must be .mean. or .cls."),
 ])
 def test_bad_image_config_values(task, overrides, match):
     with pytest.raises(ConfigError, match=match):
