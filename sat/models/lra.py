@@ -1,6 +1,7 @@
 """The LRA encoder (SAT's LRA model): embeddings + learned positions, pre-LN blocks, final LN times the
-padding mask, mean pooling (SAT) or a class token (model.pooling "cls", LRA's own ListOps model), a two-layer head. Two-input tasks (retrieval) run both inputs through the same
-encoder as one stacked batch and classify [x0, x1, x0*x1, x0-x1].
+padding mask, mean pooling (SAT) or a class token (model.pooling "cls", LRA's own ListOps model), a two-layer
+head. Two-input tasks (retrieval) run both inputs through the same encoder as one stacked batch and classify
+[x0, x1, x0*x1, x0-x1].
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ class LRAModel(nn.Module):
         m = cfg.model
         n = cfg.dataset.max_seq_len
         self.two_inputs = cfg.dataset.two_inputs
-        # Tokens and positions start on the same scale, N(0, 0.02) as in SAT's LRA model: with PyTorch's
-        # default N(0, 1) for tokens, the positions were 50x smaller and a model at N=1024 never learned where
-        # the outermost ListOps operator is (bench/results/long-preset.txt).
+        # Tokens and positions start on the same scale, N(0, 0.02) as in SAT's LRA model; PyTorch's default
+        # N(0, 1) for the tokens would make every position 50x fainter than its token.
         self.embed = nn.Embedding(vocab_size, m.dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.pos = nn.Parameter(torch.randn(1, n, m.dim) * 0.02)  # learned positions, (1, N, C)
