@@ -20,29 +20,9 @@ import torch
 
 from sat.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import ROOT, small_listops
+from tests.fixtures import SEED, SMALL, nothing_written, refused
 
-TASK, SEED = "lra-listops", 5
-SMALL = [
-    "--random",
-    str(SEED),
-    "--no_progress",
-    "--backend",
-    "torch",
-    "--train_steps",
-    "4",
-    "--max_dense_steps",
-    "2",
-    "--set=model.num_layers=1",
-    "--set=model.dim=16",
-    "--set=model.hidden_dim=32",
-    "--set=model.head_dim=8",
-    "--set=training.batch_size=4",
-    "--set=training.eval_frequency=2",
-    "--set=training.warmup_steps=1",
-    "--set=dataset.max_seq_len=64",
-    "--set=sparsity.block_size=16",
-    "--set=sparsity.density=0.25",
-]
+TASK = "lra-listops"
 
 
 class Payload:
@@ -108,15 +88,6 @@ def infer_cli(root: Path, *extra: str, name: str = "ok", task: str = TASK):
     )
 
 
-def refused(r: subprocess.CompletedProcess, match: str, code: int = 2) -> None:
-    """Exit `code`, exactly one stderr line 'error: ...' containing `match`, no traceback."""
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == code, f"exit {r.returncode}, stderr:\n{r.stderr[-3000:]}"
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
-    assert match.lower() in lines[0].lower(), lines[0]
-
-
 def snapshot(root: Path) -> dict:
     """Every file under root -> sha256 (what must stay unchanged)."""
     return {
@@ -124,11 +95,6 @@ def snapshot(root: Path) -> dict:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
-
-
-def nothing_written(root: Path) -> None:
-    assert not (root / "checkpoints").exists(), list((root / "checkpoints").rglob("*"))
-    assert not (root / "logs").exists(), list((root / "logs").rglob("*"))
 
 
 def no_temporaries(root: Path) -> None:

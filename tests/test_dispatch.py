@@ -17,7 +17,7 @@ from sat.kernels import block_sparse_attention, check_backend, fp32_matmul_preci
 from sat.kernels import triton_support as ts
 from sat.kernels.triton_support import launch_config
 from tests.conftest import ROOT, small_listops
-from tests.test_bad_input import SMALL, nothing_written, refused
+from tests.fixtures import SMALL, nothing_written, refused
 
 CUDA = torch.device("cuda")
 

@@ -8,30 +8,14 @@ import torch
 
 from sat.config import ConfigError, load_config
 from sat.data.batch import Batch
-from sat.data.format import DataError, Split, save_meta, save_split
-from sat.data.listops import TOKENS
+from sat.data.format import DataError
 from sat.data.loading import describe_batch, load_task_data, rank_batch
-from tests.test_vit import CLASSES, make_image_folder
-
-TASK = "lra-listops"
+from tests.fixtures import CLASSES, TASK, make_image_folder, write_lra_data
 
 
 def lra_cfg():
     return load_config(TASK, overrides={"dataset": {"max_seq_len": 16}, "training": {"batch_size": 4},
                                         "sparsity": {"block_size": 4, "density": 0.25}})
-
-
-def write_lra_data(root, sizes=(16, 6, 5), seq_len=16):
-    """Processed ListOps-shaped splits whose first token is the example's number (so batches say which
-    examples they hold), vocabulary 20, 10 classes."""
-    rng = np.random.default_rng(0)
-    for split, n in zip(("train", "dev", "test"), sizes, strict=True):
-        x = rng.integers(1, 20, (n, seq_len))
-        x[:, 0] = np.arange(n)
-        lengths = rng.integers(seq_len // 2, seq_len + 1, n)
-        save_split(root, TASK, split, Split(x, lengths, rng.integers(0, 10, n)))
-    save_meta(root, TASK, {"vocab_size": 20, "tokens": TOKENS})
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from sat.data.prepare.csv_text import preprocess_csv_text
 from sat.data.prepare.pathfinder import preprocess_pathfinder
 from sat.data.prepare.retrieval import preprocess_retrieval
 from sat.data.prepare.text import preprocess_text
+from tests.fixtures import KNOWN_GRAY, cifar_records, make_aan, make_cifar, make_imdb, make_pathfinder, write_bin
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,21 +45,6 @@ def test_byte_encoding_round_trip(data: bytes, max_len: int) -> None:
 
 
 # ---------------------------------------------------------------- IMDB
-
-
-def make_imdb(root: Path, n_train: int = 10, n_test: int = 3) -> dict[str, list[tuple[bytes, int]]]:
-    """Reviews named so that sorted order = creation order; returns the expected (text, label) per split."""
-    out: dict[str, list[tuple[bytes, int]]] = {}
-    for split, n in [("train", n_train), ("test", n_test)]:
-        out[split] = []
-        for label, cls in enumerate(["neg", "pos"]):
-            d = root / "aclImdb" / split / cls
-            d.mkdir(parents=True)
-            for i in range(n):
-                text = f"{split} {cls} {i} caf\u00e9 <br />".encode() + b"x" * (i * 7)
-                (d / f"{i:03d}_{i % 10 + 1}.txt").write_bytes(text)
-                out[split].append((text, label))
-    return out
 
 
 def test_text(tmp_path: Path) -> None:
@@ -97,21 +83,6 @@ def test_text_skips_empty_and_errors(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- retrieval
 
 
-def make_aan(root: Path) -> dict[str, list[tuple[int, bytes, bytes]]]:
-    d = root / "tsv_data"
-    d.mkdir(parents=True)
-    out = {}
-    for split, n in [("train", 6), ("eval", 2), ("test", 3)]:
-        rows = [(i % 2, f"doc {split} {i} \u00fc".encode() * (i + 1), f"other {i}".encode())
-                for i in range(n)]
-        lines = [f"{'1.0' if y else '0.0'}\tid{i}a\tid{i}b\t".encode() + a + b"\t" + b for i, (y, a, b) in
-                 enumerate(rows)]
-        header = [b"label\tid1\tid2\ttext1\ttext2"] if split == "eval" else []
-        (d / f"new_aan_pairs.{split}.tsv").write_bytes(b"\n".join(header + lines) + b"\n")
-        out[split] = rows
-    return out
-
-
 def test_retrieval(tmp_path: Path) -> None:
     expected = make_aan(tmp_path / "raw")
     meta = preprocess_retrieval(tmp_path / "raw", tmp_path / "out", max_len=24)
@@ -137,36 +108,6 @@ def test_retrieval_malformed(tmp_path: Path, line: bytes, msg: str) -> None:
 
 
 # ---------------------------------------------------------------- CIFAR-10
-
-# (R, G, B) -> trunc(255.5 * (0.2989 R + 0.5870 G + 0.1140 B) / 255), worked out by hand
-KNOWN_GRAY = [((0, 0, 0), 0), ((255, 255, 255), 255), ((100, 0, 0), 29), ((0, 100, 0), 58), ((0, 0, 100), 11),
-              ((255, 0, 0), 76), ((10, 20, 30), 18), ((1, 1, 1), 1), ((128, 64, 32), 79)]
-
-
-def cifar_records(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n).astype(np.uint8)
-    rgb = rng.integers(0, 256, (n, 3, 1024)).astype(np.uint8)
-    for k, ((r, g, b), _) in enumerate(KNOWN_GRAY):  # the first pixels of image 0 are the known triples
-        rgb[0, :, k] = (r, g, b)
-    return labels, rgb.reshape(n, 3072)
-
-
-def write_bin(path: Path, labels: np.ndarray, rgb: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(np.concatenate([labels[:, None], rgb], axis=1).astype(np.uint8).tobytes())
-
-
-def make_cifar(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    d = root / "cifar-10-batches-bin"
-    batches = [cifar_records(6, s) for s in range(2)]
-    for i, (labels, rgb) in enumerate(batches, 1):
-        write_bin(d / f"data_batch_{i}.bin", labels, rgb)
-    test = cifar_records(4, 9)
-    write_bin(d / "test_batch.bin", *test)
-    train = tuple(np.concatenate(a) for a in zip(*batches, strict=True))
-    return {"train": (train[0][:11], train[1][:11]), "dev": (train[0][11:], train[1][11:]), "test": test}
-
 
 def test_gray_formula_known_pixels() -> None:
     rgb = np.zeros((1, 3, 1024), dtype=np.uint8)
@@ -229,27 +170,6 @@ def test_cifar10_pickle_needs_flag(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- Pathfinder
-
-
-def make_pathfinder(root: Path, n: int = 20, missing: tuple[int, ...] = ()) -> dict[int, int]:
-    """Image i has pixel 0 = i (a unique key) and label i % 2; returns {key: label} of existing images."""
-    base = root / "pathfinder32" / "curv_baseline"
-    (base / "metadata").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    lines: dict[int, list[str]] = {0: [], 1: []}
-    existing = {}
-    for i in range(n):
-        sub = f"imgs/{i % 3}"
-        (base / sub).mkdir(parents=True, exist_ok=True)
-        px = rng.integers(0, 256, (32, 32)).astype(np.uint8)
-        px[0, 0] = i
-        if i not in missing:
-            Image.fromarray(px, mode="L").save(base / sub / f"sample_{i}.png")
-            existing[i] = i % 2
-        lines[i % 2].append(f"{sub} sample_{i}.png {i} {i % 2} 7 extra")
-    for k, ls in lines.items():
-        (base / "metadata" / f"{k}.npy").write_text("\n".join(ls) + "\n")
-    return existing
 
 
 def test_pathfinder(tmp_path: Path) -> None:

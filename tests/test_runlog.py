@@ -9,7 +9,7 @@ import pytest
 import sat.train
 from sat.config import load_config
 from sat.runlog import RunLog, RunPaths
-from tests.test_loading import TASK, write_lra_data
+from tests.fixtures import TASK, write_lra_data
 
 
 def _closed(run: RunLog) -> bool:

@@ -19,7 +19,7 @@ from sat.runlog import RunLog, RunPaths
 from sat.runs import check_run_name, resumed_config
 from sat.train import CheckpointClock
 from tests.conftest import ROOT, small_listops
-from tests.test_loading import TASK, write_lra_data
+from tests.fixtures import TASK, write_lra_data
 
 SEED = 4
 

@@ -13,7 +13,7 @@ from sat.data.prepare.pathfinder import preprocess_pathfinder
 from sat.data.prepare.retrieval import preprocess_retrieval
 from sat.data.prepare.text import preprocess_text
 from tests.conftest import ROOT
-from tests.test_preprocess import make_aan, make_cifar, make_imdb, make_pathfinder
+from tests.fixtures import make_aan, make_cifar, make_imdb, make_pathfinder
 
 SMALL = ["model.num_layers=1", "model.dim=16", "model.hidden_dim=32", "model.head_dim=8", "training.batch_size=4",
          "training.eval_frequency=10", "training.warmup_steps=2", "model.dropout=0.0"]

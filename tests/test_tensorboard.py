@@ -15,7 +15,7 @@ import sat.train
 from sat.config import load_config
 from sat.runlog import RunPaths
 from sat.viz import ACTIVE, ADDED, OUTLINE
-from tests.test_loading import TASK, write_lra_data
+from tests.fixtures import TASK, write_lra_data
 
 # N=16 in blocks of 4: a 4x4 grid; density 0.125 keeps 2 blocks, so at least two query-block rows are empty and
 # get their diagonal block from the "no empty row" rule

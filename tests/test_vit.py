@@ -8,10 +8,8 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from sat.config import ConfigError, load_config
 from sat.data.batch import Batch
@@ -22,8 +20,8 @@ from sat.models.monarch import MonarchLinear
 from sat.models.vit import ViT
 from sat.sparsity.scheduler import TransitionScheduler
 from tests.conftest import ROOT
+from tests.fixtures import CLASSES, make_image_folder
 
-CLASSES = 4
 TASK = "imagenet-vit-ti"
 
 
@@ -160,21 +158,6 @@ def test_image_stream_shards_and_resumes_at_the_batch(image_data):
 
 
 # ------------------------------------------------------------------------------------------ end to end
-
-def make_image_folder(root, per_class: int = 12, val_per_class: int = 4):
-    """CLASSES colour-tinted classes of noisy PNG/JPEG images of a few sizes, train/ and val/."""
-    rng = np.random.default_rng(0)
-    tints = rng.uniform(60, 200, (CLASSES, 3))
-    for split, n in (("train", per_class), ("val", val_per_class)):
-        for c in range(CLASSES):
-            folder = root / split / f"n{c:08d}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                h, w = (40, 48) if i % 3 else (36, 36)
-                arr = np.clip(rng.normal(tints[c], 70, (h, w, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(folder / (f"{i}.png" if i % 2 else f"{i}.JPEG"))
-    return root
-
 
 @pytest.fixture(scope="module")
 def image_data(tmp_path_factory):
