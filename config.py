@@ -21,7 +21,7 @@ def _lra(max_seq_len, num_classes, layers, block, density, batch, lr, steps, war
         "sparsity": {
             "sk": 1.7, "ds": 1.3, "density": density, "block_size": block, "attn_loss_scale": 0.01,
             "monitor_every": 1, "max_dense_steps": steps // 5, "lr_scale_after_transition": 0.5,
-            "pattern": "learned", "per_head": False, "s2d_fraction": 0.7, "enabled": True,
+            "pattern": "learned", "per_head": False, "keep_diagonal": False, "s2d_fraction": 0.7, "enabled": True,
             "recall_target": 0.9, "min_density": 0.02, "max_density": 0.5, "recall_batches": 4,
         },
     }
@@ -47,7 +47,7 @@ def _vit(dim, heads):
         "sparsity": {
             "sk": 1.7, "ds": 1.3, "density": 0.1, "block_size": 32, "attn_loss_scale": 0.01,
             "monitor_every": 1, "max_dense_steps": 0, "lr_scale_after_transition": 0.5,
-            "pattern": "learned", "per_head": False, "s2d_fraction": 0.7, "enabled": True,
+            "pattern": "learned", "per_head": False, "keep_diagonal": False, "s2d_fraction": 0.7, "enabled": True,
             "recall_target": 0.9, "min_density": 0.02, "max_density": 0.5, "recall_batches": 4,
         },
     }

@@ -93,8 +93,9 @@ def child(phase: str, task: str, preset: str | None, batch: int, density: float 
         logits = model(data, collect=collect)
         loss = F.cross_entropy(logits, data.y)
         if collect:
-            pattern = sum(layer.stats.pattern_loss for layer in model.attention_layers())
-            loss = loss + cfg.sparsity.attn_loss_scale * pattern
+            pattern = [layer.stats.pattern_loss for layer in model.attention_layers()]
+            if pattern[0] is not None:  # only SAT's learned pattern has a loss of its own
+                loss = loss + cfg.sparsity.attn_loss_scale * sum(pattern)
             maps = [layer.stats.mean_map for layer in model.attention_layers()]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -88,6 +88,7 @@ class SparsityConfig:
     max_density: float = 0.5
     recall_batches: int = 4        # dev batches over which the layout recall (and coverage's mass) is measured
     per_head: bool = False
+    keep_diagonal: bool = False    # every query block keeps its own key block, within the blocks chosen
     s2d_fraction: float = 0.7      # Monarch MLPs densified at this fraction of train_steps (mlp: monarch)
     enabled: bool = True           # False = dense-only training (the monitor still runs and logs)
 

@@ -176,3 +176,73 @@ def test_ranked_layout_and_fill_empty_rows():
     assert added.nonzero().tolist() == [[0, 1, 1], [1, 0, 0]]  # map 0: row 1 gets (1, 1); map 1: row 0 gets (0, 0)
     full, none_added = fill_empty_rows(torch.ones(1, 3, 3, dtype=torch.bool))
     assert not none_added.any() and bool(full.all())
+
+
+# ----------------------------------------------------------------------------------- keep_diagonal (option)
+
+
+def fewest_with_diagonal_by_search(mass, target):
+    """The smallest number of blocks, the nb diagonal ones included, of a (nb, nb) map holding `target` of its
+    mass, over every subset of the off-diagonal blocks."""
+    nb = mass.shape[-1]
+    off = [float(mass[i, j]) for i in range(nb) for j in range(nb) if i != j]
+    need, diagonal = target * float(mass.sum()), float(mass.diagonal().sum())
+    for size in range(len(off) + 1):
+        subsets = itertools.combinations(range(len(off)), size)
+        if any(diagonal + sum(off[i] for i in subset) >= need for subset in subsets):
+            return nb + size
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("nb,density", [(4, 0.5), (8, 0.25), (16, 0.1), (8, 0.05)])
+@pytest.mark.parametrize("heads", [None, 3])
+def test_topk_keep_diagonal_keeps_the_diagonal_within_the_count(nb, density, heads):
+    gen = torch.Generator().manual_seed(nb)
+    g = torch.rand((nb, nb) if heads is None else (heads, nb, nb), generator=gen)
+    g = g.unsqueeze(0) if heads is None else g
+    g = g.masked_fill(torch.eye(nb, dtype=torch.bool), -1.0)  # the diagonal scores lowest: kept all the same
+    layout, added = topk_layout(g, density, keep_diagonal=True)
+    k = max(int(nb * nb * density), nb)  # (8, 0.05): 3 blocks asked, the diagonal alone is 8
+    eye = torch.eye(nb, dtype=torch.bool)
+    assert not added.any() and bool(layout[:, eye].all())
+    assert layout.sum(dim=(1, 2)).tolist() == [k] * g.shape[0]
+    for i in range(g.shape[0]):  # the rest are the k - nb heaviest off-diagonal blocks
+        off = g[i][~eye]
+        kept = g[i][layout[i] & ~eye]
+        assert kept.numel() == k - nb
+        if k > nb:
+            assert kept.min() >= off.topk(k - nb).values.min()
+
+
+def test_topk_without_keep_diagonal_is_sat_rule_unchanged():
+    g = torch.zeros(4, 4)
+    g[0, 1] = g[0, 2] = g[0, 3] = g[1, 0] = 1.0
+    assert not bool(topk_layout(g, 0.25)[0][0, 0, 0])  # SAT's rule: (0, 0) is not among the top 4
+    kept, _ = topk_layout(g, 0.25, keep_diagonal=True)
+    assert bool(kept[0].diagonal().all()) and int(kept.sum()) == 4  # four blocks: the diagonal alone
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("target", [0.3, 0.6, 0.9])
+def test_coverage_keep_diagonal_keeps_the_fewest_blocks_with_the_diagonal(seed, target):
+    gen = torch.Generator().manual_seed(seed)
+    mass = torch.rand(1, 3, 3, generator=gen, dtype=torch.float64) ** 3
+    result = coverage_layout(mass, target, 0.01, 1.0, per_head=False, keep_diagonal=True)
+    (count,) = result.selected
+    assert count == fewest_with_diagonal_by_search(mass[0], target)
+    assert bool(result.layout[0].diagonal().all()) and result.added == 0
+    assert int(result.layout.sum()) == count
+
+
+def test_coverage_keep_diagonal_bounds_and_per_head():
+    mass = torch.zeros(2, 4, 4, dtype=torch.float64)
+    mass[0, 0, 3] = 100.0  # head 0: one heavy block far from the diagonal
+    mass[1, 3, 0] = 100.0
+    mass += 0.01
+    result = coverage_layout(mass, 0.9, 0.01, 0.25, per_head=True, keep_diagonal=True)
+    # max_density 0.25 allows 4 blocks, the diagonal alone: the heavy blocks do not fit
+    assert result.selected == [4, 4] and not bool(result.layout[:, 0, 3].any())
+    result = coverage_layout(mass, 0.9, 0.01, 0.5, per_head=True, keep_diagonal=True)
+    assert result.selected == [5, 5]
+    assert bool(result.layout[0, 0, 3]) and bool(result.layout[1, 3, 0]) and not bool(result.layout[0, 3, 0])
+    assert bool(result.layout[:, torch.eye(4, dtype=torch.bool)].all())

@@ -73,6 +73,7 @@ VALID = {
         "lr_scale_after_transition": pos_float,
         "pattern": st.sampled_from(["learned", "measured", "coverage"]),
         "per_head": st.booleans(),
+        "keep_diagonal": st.booleans(),
         "s2d_fraction": st.floats(0.01, 1.0),
         "enabled": st.booleans(),
     },

@@ -54,3 +54,20 @@ def test_coverage_keeps_the_target_mass(tmp_path, data):
         assert layer["recall"] >= 0.8 - 1e-9  # the mass it was chosen to keep, on the same batches
         assert layer["density_for_recall"]["0.9"] is not None
     assert s["density_used"] == pytest.approx(sum(rec["density_per_layer"]) / 2)
+
+
+@pytest.mark.parametrize("pattern", ["measured", "coverage"])
+def test_keep_diagonal_layouts_keep_every_diagonal_block(tmp_path, data, pattern):
+    import torch
+
+    s, _, _ = run(tmp_path, data, pattern, f"--set=sparsity.pattern=\"{pattern}\"", "--set=sparsity.keep_diagonal=true")
+    assert s["transition_step"] == 5 and s["added_diagonal_blocks"] == 0  # no row can be left empty
+    ckpt = torch.load(tmp_path / "checkpoints" / "checkpoints-4" / "lra-listops" / f"{pattern}.last.model",
+                      map_location="cpu", weights_only=True)
+    state = ckpt["model"] if "model" in ckpt else ckpt
+    layouts = [v for k, v in state.items() if k.endswith("attn.layout")]
+    assert len(layouts) == 2
+    for layout in layouts:  # (1, nb, nb): nb = 64 / 8
+        assert bool(layout[0].diagonal().all())
+        if pattern == "measured":  # int(64 * 0.2) = 12 blocks, 8 of them the diagonal
+            assert int(layout.sum()) == 12

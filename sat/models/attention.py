@@ -68,15 +68,15 @@ class Attention(nn.Module):
         return self.pattern_mean
 
     def sparsify(self, density: float, layout: torch.Tensor | None = None,
-                 added: torch.Tensor | None = None) -> int:
+                 added: torch.Tensor | None = None, keep_diagonal: bool = False) -> int:
         """Freeze the pattern and switch to block-sparse attention over `layout` (1 or H, nb, nb) when given
         (a coverage layout, with the diagonal blocks its chooser `added` to empty rows), else over the top-k
-        layout of the pattern; returns how many diagonal blocks the top-k rule added (0 for a given layout,
-        whose chooser counts its own). Which blocks were added stays in `added_blocks` (the switch's picture
-        marks them)."""
+        layout of the pattern (its diagonal blocks always among them with `keep_diagonal`); returns how many
+        diagonal blocks the top-k rule added to empty rows (0 for a given layout, whose chooser counts its own).
+        Which blocks were added stays in `added_blocks` (the switch's picture marks them)."""
         count = 0
         if layout is None:
-            layout, added = topk_layout(self.importance(), density)
+            layout, added = topk_layout(self.importance(), density, keep_diagonal)
             count = int(added.sum())
         self.layout.copy_(layout.to(self.layout.device).expand_as(self.layout))
         self.added_blocks = None if added is None else added.detach().cpu()

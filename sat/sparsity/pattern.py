@@ -7,6 +7,8 @@ query-block row left empty, so that no softmax row is empty (the choosers return
 so that the pictures can show them apart).
 "coverage": the fewest blocks whose measured attention mass (sat.sparsity.recall.block_mass) reaches a
 fraction of the total, within density bounds, with the same diagonal rule for empty rows.
+keep_diagonal (an option, not SAT's rule): every diagonal block is kept and counts within the blocks chosen;
+the rest are chosen as above from the off-diagonal blocks.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ def pattern_loss(pooled: torch.Tensor, importance: torch.Tensor) -> torch.Tensor
     return F.mse_loss(importance.expand_as(pooled).float(), pooled.float())
 
 
-def topk_layout(importance: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_layout(importance: torch.Tensor, density: float,
+                keep_diagonal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k layout of a block-importance map, per leading index.
 
     importance: (nb, nb) or (H, nb, nb). Returns (layout bool (1 or H, nb, nb), the diagonal blocks added to
     rows that the top-k left empty, bool of the same shape). k = int(nb * nb * density) blocks per map before
-    the additions.
+    the additions. keep_diagonal: the nb diagonal blocks are among the k (k is raised to nb if smaller), the
+    other k - nb are the top of the off-diagonal blocks; no row is then left empty.
     """
     g = importance.detach().float()
     if g.dim() == 2:
@@ -43,11 +47,20 @@ def topk_layout(importance: torch.Tensor, density: float) -> tuple[torch.Tensor,
     k = int(nb * nb * density)
     if k < 1:
         raise ValueError(f"density {density} keeps no block of a {nb}x{nb} grid")
+    if keep_diagonal:
+        g = with_diagonal_first(g)
+        k = max(k, nb)
     flat = g.reshape(h, nb * nb)
     idx = flat.topk(k, dim=-1).indices  # (h, k)
     layout = torch.zeros(h, nb * nb, dtype=torch.bool, device=g.device)
     layout.scatter_(1, idx, True)
     return fill_empty_rows(layout.reshape(h, nb, nb))
+
+
+def with_diagonal_first(scores: torch.Tensor) -> torch.Tensor:
+    """(h, nb, nb) scores with +inf on the diagonal, so that any ranking takes the diagonal blocks first."""
+    eye = torch.eye(scores.shape[-1], dtype=torch.bool, device=scores.device)
+    return scores.masked_fill(eye, float("inf"))
 
 
 def fill_empty_rows(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +101,7 @@ class CoverageLayout(NamedTuple):
 
 
 def coverage_layout(block_mass: torch.Tensor, recall_target: float, min_density: float, max_density: float,
-                    per_head: bool) -> CoverageLayout:
+                    per_head: bool, keep_diagonal: bool = False) -> CoverageLayout:
     """The fewest blocks whose mass reaches recall_target of the total, per map, then the diagonal rule.
 
     block_mass: (H, nb, nb) attention mass per (head, query block, key block), e.g. from
@@ -101,6 +114,10 @@ def coverage_layout(block_mass: torch.Tensor, recall_target: float, min_density:
     within [max(1, int(nb * nb * min_density)), int(nb * nb * max_density)]. As in topk_layout, the diagonal
     blocks given to rows left empty come on top of the count: they do not count towards max_density, so
     density_used can exceed it by at most (nb - 1) / (nb * nb).
+
+    keep_diagonal: the nb diagonal blocks come first (their mass counts towards the target), then the heaviest
+    off-diagonal blocks until the target is reached: the fewest blocks that reach it with the diagonal kept.
+    The count is then at least nb, even above max_density.
     """
     if block_mass.dim() != 3 or block_mass.shape[-1] != block_mass.shape[-2]:
         raise ValueError(f"block_mass must have shape (H, nb, nb), got {tuple(block_mass.shape)}")
@@ -116,11 +133,14 @@ def coverage_layout(block_mass: torch.Tensor, recall_target: float, min_density:
     lowest, highest = max(1, int(cells * min_density)), int(cells * max_density)
     if highest < 1:
         raise ValueError(f"max_density {max_density} keeps no block of a {nb}x{nb} grid")
-    order = ranked_blocks(mass)  # (h, cells)
+    scores = with_diagonal_first(mass) if keep_diagonal else mass
+    if keep_diagonal:
+        lowest, highest = max(lowest, nb), max(highest, nb)
+    order = ranked_blocks(scores)  # (h, cells)
     kept = mass.reshape(h, cells).gather(1, order).cumsum(dim=1)  # (h, cells): mass of the first m blocks
     # The total is the last partial sum, so target 1.0 stops at the last block with mass (no rounding gap);
     # recall_target <= 1 makes the last entry always reach the target.
     reached = kept >= recall_target * kept[:, -1:]
     counts = (reached.to(torch.int64).argmax(dim=1) + 1).clamp(lowest, highest)  # (h,)
-    layout, added = ranked_layout(mass, counts)
+    layout, added = ranked_layout(scores, counts)
     return CoverageLayout(layout, int(layout.sum()) / layout.numel(), int(added.sum()), counts.tolist(), added)

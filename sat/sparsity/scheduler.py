@@ -85,13 +85,13 @@ class TransitionScheduler:
         if c.pattern == "coverage":
             if masses is None:
                 raise ValueError("the coverage pattern needs the block-mass probe")
-            chosen = [coverage_layout(m, c.recall_target, c.min_density, c.max_density, c.per_head)
-                      for m in masses]
+            chosen = [coverage_layout(m, c.recall_target, c.min_density, c.max_density, c.per_head,
+                                      c.keep_diagonal) for m in masses]
             self.added_diagonal = sum(ch.added for ch in chosen)
             for layer, ch in zip(layers, chosen, strict=True):
                 layer.sparsify(c.density, ch.layout, ch.added_blocks)
         else:
-            self.added_diagonal = sum(layer.sparsify(c.density) for layer in layers)
+            self.added_diagonal = sum(layer.sparsify(c.density, keep_diagonal=c.keep_diagonal) for layer in layers)
         for layer in layers:
             distributed.broadcast_(layer.layout)  # under torchrun every rank takes rank 0's layouts
         per_layer = [float(layer.layout.float().mean()) for layer in layers]
