@@ -101,6 +101,8 @@ def valid_overrides(draw) -> dict:
         n, bs, density = draw(geometry())
         out.setdefault("dataset", {})["max_seq_len"] = n
         out.setdefault("sparsity", {}).update(block_size=bs, density=density)
+        if out["sparsity"].get("pattern") == "coverage" and int((n // bs) ** 2 * 0.5) < 1:
+            out["sparsity"]["max_density"] = 1.0  # the default 0.5 keeps no block of a 1x1 grid: invalid
     return out
 
 
