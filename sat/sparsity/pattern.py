@@ -133,8 +133,9 @@ def coverage_layout(block_mass: torch.Tensor, recall_target: float, min_density:
     lowest, highest = max(1, int(cells * min_density)), int(cells * max_density)
     if highest < 1:
         raise ValueError(f"max_density {max_density} keeps no block of a {nb}x{nb} grid")
-    scores = with_diagonal_first(mass) if keep_diagonal else mass
+    scores = mass
     if keep_diagonal:
+        scores = with_diagonal_first(mass)
         lowest, highest = max(lowest, nb), max(highest, nb)
     order = ranked_blocks(scores)  # (h, cells)
     kept = mass.reshape(h, cells).gather(1, order).cumsum(dim=1)  # (h, cells): mass of the first m blocks
