@@ -5,7 +5,8 @@
 
 Every run is its own main_train.py process, one after another, on the same generated data. Modes:
 dense (--no_switch), learned (SAT's rule: top-k of the learned pattern G = P P^T), measured (top-k of the
-measured block mass), coverage (the fewest blocks keeping `recall_target` of the measured mass). `--seeds`
+measured block mass), coverage (the fewest blocks keeping `recall_target` of the measured mass), measured-diag
+(measured with `keep_diagonal`: every query block keeps its own key block among the k). `--seeds`
 are used for dense and for the default mode (the first of --modes after dense), `--extra_seeds` for the
 other modes. Prints per-seed rows; mean and sample sd per mode; for every automatic mode the paired
 difference against dense-only on the seeds both ran, with a 95% t confidence interval; the wall-time ratio;
@@ -26,7 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = {"dense": ["--no_switch"], "learned": ["--set=sparsity.pattern=\"learned\""],
-         "measured": ["--set=sparsity.pattern=\"measured\""], "coverage": ["--set=sparsity.pattern=\"coverage\""]}
+         "measured": ["--set=sparsity.pattern=\"measured\""], "coverage": ["--set=sparsity.pattern=\"coverage\""],
+         "measured-diag": ["--set=sparsity.pattern=\"measured\"", "--set=sparsity.keep_diagonal=true"]}
 # two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (scipy is not a run-time dependency)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -82,7 +84,7 @@ def tested_phase(r: dict) -> str:
 
 def report(task: str, preset: str, results: dict[str, list[dict]]) -> str:
     lines = [f"{task} --preset {preset}: test accuracy (%), wall time (s), switch, layout recall, density used"]
-    lines.append(f"{'mode':<10}{'seeds':>6}{'acc mean':>10}{'± sd':>7}{'wall mean':>11}{'± sd':>7}"
+    lines.append(f"{'mode':<14}{'seeds':>6}{'acc mean':>10}{'± sd':>7}{'wall mean':>11}{'± sd':>7}"
                  f"{'recall':>8}{'density':>9}  switch steps (reason)")
     for mode, rs in results.items():
         acc = [100 * r["test_accuracy"] for r in rs]
@@ -91,13 +93,13 @@ def report(task: str, preset: str, results: dict[str, list[dict]]) -> str:
         dens = [r["density_used"] for r in rs if r.get("density_used")]
         switches = ", ".join(f"{r['transition_step']} ({r['transition_reason']})" if r["transition_step"] else "-"
                              for r in rs)
-        lines.append(f"{mode:<10}{len(rs):>6}{statistics.mean(acc):>10.2f}{sd(acc):>7.2f}"
+        lines.append(f"{mode:<14}{len(rs):>6}{statistics.mean(acc):>10.2f}{sd(acc):>7.2f}"
                      f"{statistics.mean(wall):>11.1f}{sd(wall):>7.1f}"
                      f"{statistics.mean(recall) if recall else math.nan:>8.3f}"
                      f"{statistics.mean(dens) if dens else math.nan:>9.3f}  {switches}")
         if mode != "dense":
             sparse = sum(tested_phase(r) == "sparse" for r in rs)
-            lines.append(f"{'':<10}{sparse} of {len(rs)} tested checkpoints trained past the switch (the test "
+            lines.append(f"{'':<14}{sparse} of {len(rs)} tested checkpoints trained past the switch (the test "
                          f"accuracy of the others is a dense-phase model's)")
     dense = {r["seed"]: r for r in results.get("dense", [])}
     for mode, rs in results.items():
@@ -115,7 +117,7 @@ def report(task: str, preset: str, results: dict[str, list[dict]]) -> str:
     for mode, rs in results.items():
         for r in rs:
             rec = (r.get("layout_recall") or {}).get("mean")
-            lines.append(f"  {r['seed']} {mode:<9} {100 * r['test_accuracy']:.2f} {r['wall_s']:.1f} "
+            lines.append(f"  {r['seed']} {mode:<13} {100 * r['test_accuracy']:.2f} {r['wall_s']:.1f} "
                          f"{r['transition_step'] or '-'} {r.get('best_step', '-')}({tested_phase(r)}) "
                          f"{'-' if rec is None else f'{rec:.3f}'} "
                          f"{_num(r['density_used'], 3)} ({_num(r['dense_steps_per_sec'], 2)}, "

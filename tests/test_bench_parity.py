@@ -48,6 +48,31 @@ def test_cached_run_records_each_run_and_does_not_repeat_it(tmp_path, monkeypatc
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
 
 
+def test_measured_diag_runs_measured_with_the_diagonal_kept(tmp_path, monkeypatch):
+    """The named mode passes both settings to main_train.py, and they parse as the config keys they name."""
+    import json
+
+    from sat.cli import overrides_from_args, run_parser
+    from sat.config import load_config
+
+    seen = []
+
+    def fake_subprocess_run(cmd, **kwargs):
+        seen.append(cmd)
+        name = cmd[cmd.index("--name") + 1]
+        out = tmp_path / "logs" / "log-7" / "lra-listops" / f"{name}.summary.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result(7, 0.5, 1.0, 30, 0.9, 0.1)))
+
+    monkeypatch.setattr(parity.subprocess, "run", fake_subprocess_run)
+    r = parity.run(tmp_path, "lra-listops", "quick", 7, "measured-diag", [])
+    assert r["mode"] == "measured-diag" and seen[0][seen[0].index("--name") + 1] == "measured-diag-7"
+    args = run_parser("main_train.py", "", ["train", "eval"]).parse_args(seen[0][2:])  # after python, script
+    cfg = load_config(args.task, args.preset, overrides_from_args(args))
+    assert cfg.sparsity.pattern == "measured" and cfg.sparsity.keep_diagonal is True
+    assert load_config("lra-listops", "quick").sparsity.keep_diagonal is False  # not the plain mode's
+
+
 def test_report_says_which_tested_checkpoints_were_trained_sparse():
     dense = {**result(1, 0.40, 100.0), "best_step": 500}
     early = {**result(1, 0.41, 60.0, 300, 0.9, 0.2), "best_step": 1250}  # best after the switch
