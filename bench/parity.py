@@ -26,9 +26,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = {"dense": ["--no_switch"], "learned": ["--set=sparsity.pattern=\"learned\""],
-         "measured": ["--set=sparsity.pattern=\"measured\""], "coverage": ["--set=sparsity.pattern=\"coverage\""],
-         "measured-diag": ["--set=sparsity.pattern=\"measured\"", "--set=sparsity.keep_diagonal=true"]}
+# every mode names both settings, so that a row means the same whatever the task's defaults are
+MODES = {"dense": ["--no_switch"]} | {
+    mode: [f"--set=sparsity.pattern=\"{pattern}\"", f"--set=sparsity.keep_diagonal={diagonal}"]
+    for mode, pattern, diagonal in (("learned", "learned", "false"), ("measured", "measured", "false"),
+                                    ("coverage", "coverage", "false"), ("measured-diag", "measured", "true"))}
 # two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (scipy is not a run-time dependency)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 

@@ -1,6 +1,7 @@
 """Training-step speed and memory at the lra-image model shapes, dense phase against sparse phase.
 
     python bench/train_step.py [--batch 32] [--density 0.05] [--steps 10] [--task lra-image] [--preset quick]
+        [--set sparsity.pattern=learned ...]
 
 Another task's shapes: --task lra-listops --preset quick (the README main job's model); the density defaults
 to the task's.
@@ -11,7 +12,10 @@ memory (what the machine gives the process, including what glibc's heap keeps af
 memory (the profiler's allocation and free records in time order from the idle state over two steps, in a
 process of its own with the torch backend on PyTorch's threads, whose allocations the profiler sees; the CPU
 analogue of torch.cuda.max_memory_allocated).
-Dense phase: the SAT default monitors every step (the fused attention with statistics + pattern loss). The
+The sparse phase's layout is the top-k of the configured pattern's map at the configured density (with
+`keep_diagonal` as configured; a measured map comes from two monitored passes of the benchmark batch).
+Dense phase: the SAT default monitors every step (the fused attention with statistics, and the pattern loss
+with SAT's learned pattern). The
 unmonitored dense step (the same fused attention without statistics: on a CPU with attention dropout SDPA takes
 its math path) and the scaled_dot_product_attention step are measured too; the monitor's share is measured
 from unmonitored and monitored steps alternating in the monitored phase's process.
@@ -61,11 +65,12 @@ def live_peak_mb(step, steps: int = 2) -> float:
 
 
 def child(phase: str, task: str, preset: str | None, batch: int, density: float | None, steps: int,
-          backend: str, live_only: bool) -> dict:
+          backend: str, live_only: bool, sets: list[str]) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from sat.config import load_config
+    from sat.cli import set_overrides
+    from sat.config import load_config, merge
     from sat.data.batch import Batch
     from sat.kernels.runtime import RUNTIME
     from sat.models.build import build_model
@@ -74,15 +79,20 @@ def child(phase: str, task: str, preset: str | None, batch: int, density: float 
 
     torch.manual_seed(0)
     recompute = "sparse" if phase == "sparse-recompute" else "off"
-    cfg = load_config(task, preset, overrides={"training": {"batch_size": batch}, "model": {"recompute": recompute}})
+    flags = {"training": {"batch_size": batch}, "model": {"recompute": recompute}}
+    cfg = load_config(task, preset, overrides=merge(set_overrides(sets), flags))
     density = cfg.sparsity.density if density is None else density
     model = build_model(cfg, vocab_size=256, backend=backend)  # lra-image's byte vocabulary; enough for any
     optimizer = make_optimizer(model, cfg)
     n = cfg.dataset.max_seq_len
     data = Batch(torch.randint(0, 256, (batch, n)), None, torch.randint(0, 10, (batch,)))
     if phase.startswith("sparse"):
-        for layer in model.attention_layers():
-            layer.sparsify(density)
+        if cfg.sparsity.pattern != "learned":  # a measured map to choose from: two monitored passes of this batch
+            with torch.no_grad():
+                for _ in range(2):
+                    model(data, collect=True)
+        for layer in model.attention_layers():  # the top-k rule of the configured pattern (coverage: of its map)
+            layer.sparsify(density, keep_diagonal=cfg.sparsity.keep_diagonal)
     monitored = phase == "dense-monitored"
     # The profiler does not see allocations on Python worker threads: live memory is measured on PyTorch's threads.
     choices = {"cpu_dropout_path": "sdpa" if phase == "dense-sdpa" else "fused",
@@ -110,7 +120,8 @@ def child(phase: str, task: str, preset: str | None, batch: int, density: float 
         return result
     m = cfg.model
     shapes = (f"{task}{' --preset ' + preset if preset else ''} shapes: {m.num_layers} layers, dim {m.dim}, "
-              f"N={n}, batch {batch}, block {cfg.sparsity.block_size}, density {density}")
+              f"N={n}, batch {batch}, block {cfg.sparsity.block_size}, density {density}, pattern "
+              f"{cfg.sparsity.pattern}{' with the diagonal kept' if cfg.sparsity.keep_diagonal else ''}")
     return {"phase": phase, "shapes": shapes, **result, "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 
@@ -146,16 +157,19 @@ def main() -> None:
     p.add_argument("--preset")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--backend", default="torch")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a config value for every phase, e.g. --set sparsity.pattern=learned (repeatable)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--live", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.task, a.preset, a.batch, a.density, a.steps, a.backend, a.live)))
+        print(json.dumps(child(a.child, a.task, a.preset, a.batch, a.density, a.steps, a.backend, a.live, a.set)))
         return
     rows = {}
     for phase in ("dense-monitored", "dense", "dense-sdpa", "sparse", "sparse-recompute"):
         extra = ["--density", str(a.density)] if a.density is not None else []
         extra += ["--preset", a.preset] if a.preset else []
+        extra += [f"--set={x}" for x in a.set]
         rows[phase] = {}
         for live in ([], ["--live"]):
             r = subprocess.run([sys.executable, __file__, "--child", phase, "--task", a.task, "--batch", str(a.batch),

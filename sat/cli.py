@@ -92,7 +92,15 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
         o["training"]["epochs"] = 0  # explicit steps replace the task's epoch count
     if a.img_size is not None:
         o["dataset"] = {"img_size": a.img_size}
-    for item in a.set:
+    for section, values in set_overrides(a.set).items():
+        o.setdefault(section, {}).update(values)
+    return o
+
+
+def set_overrides(items: list[str]) -> dict:
+    """`--set SECTION.KEY=VALUE` items as nested overrides; a value is JSON if it parses, else a string."""
+    o: dict = {}
+    for item in items:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:

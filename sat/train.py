@@ -445,7 +445,8 @@ def _summarize(cfg, paths, data, dev, dtype, backend, info, scheduler, step, tim
         "dense_steps_per_sec": _rate(timing, "dense"), "sparse_steps_per_sec": _rate(timing, "sparse"),
         "peak_memory_mb": peak_memory_mb(dev), "density": cfg.sparsity.density,
         "density_used": scheduler.density_used, "added_diagonal_blocks": scheduler.added_diagonal,
-        "pattern": cfg.sparsity.pattern, "layout_recall": scheduler.layout_recall,
+        "pattern": cfg.sparsity.pattern, "keep_diagonal": cfg.sparsity.keep_diagonal,
+        "layout_recall": scheduler.layout_recall,
         "block_size": cfg.sparsity.block_size, "seq_len": cfg.dataset.max_seq_len, "device": str(dev),
     }
     atomic_write_text(paths.summary, json.dumps(summary, indent=2) + "\n")

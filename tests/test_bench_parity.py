@@ -3,6 +3,8 @@
 import importlib.util
 import math
 
+import pytest
+
 from tests.conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("parity", ROOT / "bench" / "parity.py")
@@ -48,8 +50,12 @@ def test_cached_run_records_each_run_and_does_not_repeat_it(tmp_path, monkeypatc
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
 
 
-def test_measured_diag_runs_measured_with_the_diagonal_kept(tmp_path, monkeypatch):
-    """The named mode passes both settings to main_train.py, and they parse as the config keys they name."""
+@pytest.mark.parametrize("mode, pattern, diagonal", [
+    ("learned", "learned", False), ("measured", "measured", False), ("coverage", "coverage", False),
+    ("measured-diag", "measured", True)])
+def test_each_mode_fixes_its_settings_whatever_the_defaults(tmp_path, monkeypatch, mode, pattern, diagonal):
+    """A mode passes main_train.py both its settings, and they parse as the config keys they name, so a row
+    means the same rule whatever the task's default pattern is."""
     import json
 
     from sat.cli import overrides_from_args, run_parser
@@ -65,12 +71,13 @@ def test_measured_diag_runs_measured_with_the_diagonal_kept(tmp_path, monkeypatc
         out.write_text(json.dumps(result(7, 0.5, 1.0, 30, 0.9, 0.1)))
 
     monkeypatch.setattr(parity.subprocess, "run", fake_subprocess_run)
-    r = parity.run(tmp_path, "lra-listops", "quick", 7, "measured-diag", [])
-    assert r["mode"] == "measured-diag" and seen[0][seen[0].index("--name") + 1] == "measured-diag-7"
+    r = parity.run(tmp_path, "lra-listops", "quick", 7, mode, [])
+    assert r["mode"] == mode and seen[0][seen[0].index("--name") + 1] == f"{mode}-7"
     args = run_parser("main_train.py", "", ["train", "eval"]).parse_args(seen[0][2:])  # after python, script
-    cfg = load_config(args.task, args.preset, overrides_from_args(args))
-    assert cfg.sparsity.pattern == "measured" and cfg.sparsity.keep_diagonal is True
-    assert load_config("lra-listops", "quick").sparsity.keep_diagonal is False  # not the plain mode's
+    o = overrides_from_args(args)  # merged over the task's values: both keys set here win over its defaults
+    assert (o["sparsity"]["pattern"], o["sparsity"]["keep_diagonal"]) == (pattern, diagonal)
+    cfg = load_config(args.task, args.preset, o)
+    assert (cfg.sparsity.pattern, cfg.sparsity.keep_diagonal) == (pattern, diagonal)
 
 
 def test_report_says_which_tested_checkpoints_were_trained_sparse():

@@ -46,14 +46,16 @@ def test_bad_values_raise(overrides, match):
 def test_coverage_keys_defaults_and_values():
     cfg = load_config("lra-image")
     s = cfg.sparsity
-    assert (s.pattern, s.recall_target, s.min_density, s.max_density, s.recall_batches) == (
-        "learned", 0.9, 0.02, 0.5, 4)
+    assert (s.pattern, s.keep_diagonal, s.recall_target, s.min_density, s.max_density, s.recall_batches) == (
+        "measured", True, 0.9, 0.02, 0.5, 4)  # LRA's default: the measured top-k with the diagonal kept
+    vit = load_config("imagenet-vit-ti").sparsity
+    assert (vit.pattern, vit.keep_diagonal) == ("learned", False)  # SAT's rule where nothing was measured
     s = load_config("lra-image", overrides={"sparsity": {"pattern": "coverage", "recall_target": 1,
                                                           "min_density": 0.1, "max_density": 0.1}}).sparsity
     assert (s.pattern, s.recall_target, s.min_density, s.max_density) == ("coverage", 1.0, 0.1, 0.1)
     # a max_density that keeps no block matters only to the coverage rule (32 x 32 blocks: 0.0005 -> 0)
     assert load_config("lra-image", overrides={"sparsity": {"min_density": 0.0001,
-                                                            "max_density": 0.0005}}).sparsity.pattern == "learned"
+                                                            "max_density": 0.0005}}).sparsity.pattern == "measured"
 
 
 def test_configs_saved_before_the_coverage_keys_still_load():

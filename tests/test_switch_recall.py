@@ -42,7 +42,8 @@ def test_recall_is_reported_and_changes_nothing(tmp_path, data):
     assert "layer 1 layout recall" in log and "mean layout recall" in log
     assert "step 5: dev accuracy" in log and "(sparse, switched at step 5)" in log  # evaluated after the switch
     assert "None" not in log and "switched to sparse at step 5 (forced)" in log
-    assert one["pattern"] == "learned" and len(rec["density_per_layer"]) == 2
+    assert (one["pattern"], one["keep_diagonal"]) == ("measured", True)  # the LRA default
+    assert len(rec["density_per_layer"]) == 2
 
 
 def test_coverage_keeps_the_target_mass(tmp_path, data):
