@@ -85,7 +85,11 @@ def child(phase: str, task: str, preset: str | None, batch: int, density: float 
     model = build_model(cfg, vocab_size=256, backend=backend)  # lra-image's byte vocabulary; enough for any
     optimizer = make_optimizer(model, cfg)
     n = cfg.dataset.max_seq_len
-    data = Batch(torch.randint(0, 256, (batch, n)), None, torch.randint(0, 10, (batch,)))
+    mask = None
+    if cfg.model.pooling == "cls":  # the class token takes one position: the last one must be padding
+        mask = torch.ones(batch, n, dtype=torch.bool)
+        mask[:, -1] = False
+    data = Batch(torch.randint(0, 256, (batch, n)), mask, torch.randint(0, 10, (batch,)))
     if phase.startswith("sparse"):
         if cfg.sparsity.pattern != "learned":  # a measured map to choose from: two monitored passes of this batch
             with torch.no_grad():

@@ -17,12 +17,14 @@ from sat.runlog import RunPaths
 from sat.viz import ACTIVE, ADDED, OUTLINE
 from tests.fixtures import TASK, write_lra_data
 
-# N=16 in blocks of 4: a 4x4 grid; density 0.125 keeps 2 blocks, so at least two query-block rows are empty and
-# get their diagonal block from the "no empty row" rule
+# N=16 in blocks of 4: a 4x4 grid; density 0.125 keeps 2 blocks, so with SAT's top-k (the diagonal not kept, as
+# it is by the LRA default) at least two query-block rows are empty and get their diagonal block from the
+# "no empty row" rule
 SMALL = {"dataset": {"max_seq_len": 16},
          "model": {"num_layers": 2, "dim": 8, "hidden_dim": 16, "head_dim": 4, "dropout": 0.0, "attn_dropout": 0.0},
          "training": {"batch_size": 4, "train_steps": 6, "warmup_steps": 1, "eval_frequency": 3},
-         "sparsity": {"block_size": 4, "density": 0.125, "max_dense_steps": 4}}
+         "sparsity": {"block_size": 4, "density": 0.125, "max_dense_steps": 4, "pattern": "learned",
+                      "keep_diagonal": False}}
 
 
 def _run(tmp_path, **sparsity):
