@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any, NoReturn
 
 from sat.checkpoint import CheckpointError
-from sat.config import ConfigError, die
+from sat.config import ConfigError, die, merge
 from sat.data.format import DataError
 
 BAD_INPUT = (ConfigError, DataError, CheckpointError)
@@ -92,9 +92,7 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
         o["training"]["epochs"] = 0  # explicit steps replace the task's epoch count
     if a.img_size is not None:
         o["dataset"] = {"img_size": a.img_size}
-    for section, values in set_overrides(a.set).items():
-        o.setdefault(section, {}).update(values)
-    return o
+    return merge(o, set_overrides(a.set))
 
 
 def set_overrides(items: list[str]) -> dict:

@@ -28,6 +28,7 @@ from sat.data.lra import LRALoader
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TASK = "lra-listops"
+DEFAULT_MAX_DENSITY = load_config(TASK).sparsity.max_density
 
 unit = st.floats(0.0, 0.95, allow_nan=False)
 pos_float = st.floats(1e-6, 10.0, allow_nan=False)
@@ -101,8 +102,8 @@ def valid_overrides(draw) -> dict:
         n, bs, density = draw(geometry())
         out.setdefault("dataset", {})["max_seq_len"] = n
         out.setdefault("sparsity", {}).update(block_size=bs, density=density)
-        if out["sparsity"].get("pattern") == "coverage" and int((n // bs) ** 2 * 0.5) < 1:
-            out["sparsity"]["max_density"] = 1.0  # the default 0.5 keeps no block of a 1x1 grid: invalid
+        if out["sparsity"].get("pattern") == "coverage" and int((n // bs) ** 2 * DEFAULT_MAX_DENSITY) < 1:
+            out["sparsity"]["max_density"] = 1.0  # the default keeps no block of a 1x1 grid: invalid
     return out
 
 
