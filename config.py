@@ -111,5 +111,18 @@ PRESETS = {
                          "lr_scale_after_transition": 1.0},
         },
     },
+    # Real images: Fashion-MNIST through LRA's image protocol (28x28 padded to 32x32, N=1024, a block of 32 is
+    # one image row), prepared from the installed release on first use. Sized for a 2-core CPU: batch 16, 600
+    # steps. The criteria fired at step 210 in a probe, so the backstop at 400 is there for runs where they
+    # never hold, not to decide the switch (bench/results/parity-image.txt).
+    "image": {
+        "lra-image": {
+            "dataset": {"source": "fashion-mnist"},
+            "training": {"batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 50, "train_steps": 600,
+                         "eval_frequency": 200},
+            # as in the other presets: a short one-cycle schedule leaves little learning rate to halve
+            "sparsity": {"max_dense_steps": 400, "lr_scale_after_transition": 1.0},
+        },
+    },
     "tiny": {"imagenet-vit-ti": _VIT_TINY, "imagenet-vit-s": _VIT_TINY},
 }

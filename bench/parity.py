@@ -18,11 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,23 +33,33 @@ ROOT = Path(__file__).resolve().parent.parent
 MODES = {"dense": ["--no_switch"]} | {
     mode: [f"--set=sparsity.pattern=\"{pattern}\"", f"--set=sparsity.keep_diagonal={diagonal}"]
     for mode, pattern, diagonal in (("learned", "learned", "false"), ("measured", "measured", "false"),
-                                    ("coverage", "coverage", "false"), ("measured-diag", "measured", "true"))}
+                                    ("coverage", "coverage", "false"), ("measured-diag", "measured", "true"),
+                                    ("random-diag", "random", "true"))} | {
+    # negative control: the default rule, switched after the first monitored step, before anything is learned
+    "forced-first": ["--set=sparsity.pattern=\"measured\"", "--set=sparsity.keep_diagonal=true",
+                     "--max_dense_steps=1"]}
 # two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (scipy is not a run-time dependency)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def run(root: Path, task: str, preset: str, seed: int, mode: str, extra: list[str]) -> dict:
+def run(root: Path, task: str, preset: str, seed: int, mode: str, extra: list[str], threads: int = 0) -> dict:
     name = f"{mode}-{seed}"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     t0 = time.perf_counter()
     subprocess.run([sys.executable, str(ROOT / "main_train.py"), "--task", task, "--preset", preset,
                     "--random", str(seed), "--name", name, "--root", str(root), "--no_progress",
-                    "--data_dir", str(root / "data"), *MODES[mode], *extra], check=True, stdout=subprocess.DEVNULL)
+                    "--data_dir", str(root / "data"), *MODES[mode], *extra], check=True, stdout=subprocess.DEVNULL,
+                   env=env)
     wall = time.perf_counter() - t0
     summary = json.loads((root / "logs" / f"log-{seed}" / task / f"{name}.summary.json").read_text())
     return {**summary, "wall_s": wall, "seed": seed, "mode": mode}
 
 
-def cached_run(root: Path, task: str, preset: str, seed: int, mode: str, extra: list[str]) -> dict:
+_RECORD = threading.Lock()  # runs.jsonl is appended to by --jobs runs at once
+
+
+def cached_run(root: Path, task: str, preset: str, seed: int, mode: str, extra: list[str],
+               threads: int = 0) -> dict:
     """One run, or its record from an earlier invocation with the same --root (runs.jsonl), so that an
     interrupted comparison continues where it stopped; every finished run is printed as it ends."""
     done = root / "runs.jsonl"
@@ -55,8 +68,8 @@ def cached_run(root: Path, task: str, preset: str, seed: int, mode: str, extra: 
             r = json.loads(line)
             if r["seed"] == seed and r["mode"] == mode:
                 return r
-    r = run(root, task, preset, seed, mode, extra)
-    with done.open("a") as f:
+    r = {**run(root, task, preset, seed, mode, extra, threads), "threads": threads or None}
+    with _RECORD, done.open("a") as f:
         f.write(json.dumps(r) + "\n")
     rec = (r.get("layout_recall") or {}).get("mean")
     print(f"{mode} seed {seed}: test {100 * r['test_accuracy']:.2f}%, {r['wall_s']:.1f} s, switch "
@@ -143,6 +156,8 @@ def main() -> None:
     p.add_argument("--root", help="work folder (default: a temporary one); runs already recorded in its "
                    "runs.jsonl are not run again")
     p.add_argument("--out", help="also write the table to this file")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each with an equal share of the cores as "
+                   "its threads (OMP_NUM_THREADS); wall times then compare only with runs made the same way")
     a = p.parse_args()
     root = Path(a.root or tempfile.mkdtemp(prefix="sat-parity-"))
     sys.path.insert(0, str(ROOT))
@@ -152,14 +167,14 @@ def main() -> None:
     prepare_data(load_config(a.task, a.preset), root / "data")  # the same data for every run
     extra = [f"--set={s}" for s in a.set]
     autos = [m for m in a.modes if m != "dense"]
+    planned = [(seed, mode) for seed in a.seeds for mode in a.modes if mode == "dense" or mode == autos[0]]
+    planned += [(seed, mode) for seed in (a.seeds if a.extra_seeds is None else a.extra_seeds) for mode in autos[1:]]
+    threads = max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else 0
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:  # each run is its own process; threads only wait
+        done = list(pool.map(lambda job: cached_run(root, a.task, a.preset, *job, extra, threads), planned))
     results: dict[str, list[dict]] = {m: [] for m in a.modes}
-    for seed in a.seeds:
-        for mode in a.modes:
-            if mode == "dense" or mode == autos[0]:
-                results[mode].append(cached_run(root, a.task, a.preset, seed, mode, extra))
-    for seed in (a.seeds if a.extra_seeds is None else a.extra_seeds):
-        for mode in autos[1:]:
-            results[mode].append(cached_run(root, a.task, a.preset, seed, mode, extra))
+    for (_, mode), r in zip(planned, done, strict=True):
+        results[mode].append(r)
     text = report(a.task, a.preset, results)
     print(text)
     if a.out:

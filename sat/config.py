@@ -36,6 +36,7 @@ class DatasetConfig:
     patch_size: int = 16           # image_folder: ViT patch size
     num_workers: int = 8           # image_folder: DataLoader worker processes per rank
     crop_pct: float = 0.875        # image_folder: evaluation resizes to img_size / crop_pct, centre-crops
+    source: str = ""               # "" = processed files in data_dir | "fashion-mnist" (made from the release)
 
 
 @dataclass
@@ -82,7 +83,7 @@ class SparsityConfig:
     monitor_every: int = 1
     max_dense_steps: int = 0       # 0 = never force the switch
     lr_scale_after_transition: float = 0.5
-    pattern: str = "learned"       # learned | measured | coverage
+    pattern: str = "learned"       # learned | measured | coverage | random (a negative control)
     recall_target: float = 0.9     # coverage: keep the fewest blocks holding this fraction of the measured mass
     min_density: float = 0.02      # coverage: bounds on the blocks kept (before diagonal blocks for empty rows)
     max_density: float = 0.5
@@ -104,6 +105,9 @@ class TaskConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+PATTERNS = ("learned", "measured", "coverage", "random")  # sparsity.pattern: how the switch picks its blocks
+SOURCES = ("", "fashion-mnist")  # dataset.source: data the trainer prepares itself from an installed release
 
 SECTIONS = {"dataset": DatasetConfig, "model": ModelConfig, "training": TrainingConfig, "sparsity": SparsityConfig}
 
@@ -203,6 +207,7 @@ def validate(cfg: TaskConfig) -> TaskConfig:
         (t.mixup >= 0 and t.cutmix >= 0, "training.mixup and training.cutmix (alphas) must be >= 0"),
         (image or (t.mixup == 0 and t.cutmix == 0),
          "training.mixup / cutmix apply to image_folder tasks only"),
+        (d.source in SOURCES, f"dataset.source must be one of {', '.join(map(repr, SOURCES))}, got {d.source!r}"),
         (d.kind in ("lra", "image_folder"), f"dataset.kind must be 'lra' or 'image_folder', got {d.kind!r}"),
         (not image or (d.patch_size > 0 and d.img_size > 0 and d.img_size % d.patch_size == 0),
          f"dataset.img_size {d.img_size} must be a positive multiple of dataset.patch_size {d.patch_size}"),
@@ -226,8 +231,7 @@ def validate(cfg: TaskConfig) -> TaskConfig:
         (s.max_dense_steps >= 0, "sparsity.max_dense_steps must be >= 0 (0 = never force)"),
         (s.attn_loss_scale >= 0, "sparsity.attn_loss_scale must be >= 0"),
         (s.lr_scale_after_transition > 0, "sparsity.lr_scale_after_transition must be positive"),
-        (s.pattern in ("learned", "measured", "coverage"),
-         f"sparsity.pattern must be 'learned', 'measured' or 'coverage', got {s.pattern!r}"),
+        (s.pattern in PATTERNS, f"sparsity.pattern must be one of {', '.join(map(repr, PATTERNS))}, got {s.pattern!r}"),
         (0.0 < s.recall_target <= 1.0, f"sparsity.recall_target must lie in (0, 1], got {s.recall_target}"),
         (0.0 < s.min_density <= s.max_density <= 1.0,
          f"sparsity needs 0 < min_density <= max_density <= 1, got min_density {s.min_density} and max_density "

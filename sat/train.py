@@ -357,7 +357,7 @@ def _eval_phase(scheduler: TransitionScheduler) -> str:
 def _describe(cfg: TaskConfig, model: nn.Module, data: TaskData, dev: torch.device, info: distributed.DistInfo,
               per_epoch: int) -> str:
     t, s = cfg.training, data.splits
-    return (f"task {cfg.task}: {count_parameters(model)} parameters, {len(s['train'])} train / "
+    return (f"task {cfg.task} on {data.name}: {count_parameters(model)} parameters, {len(s['train'])} train / "
             f"{len(s['dev'])} dev / {len(s['test'])} test examples, N={cfg.dataset.max_seq_len}, "
             f"sk={cfg.sparsity.sk} ds={cfg.sparsity.ds} density={cfg.sparsity.density}, device {dev}, "
             f"{t.train_steps} steps ({per_epoch} per epoch) on {info.world} rank(s)")
@@ -435,7 +435,7 @@ def _summarize(cfg, paths, data, dev, dtype, backend, info, scheduler, step, tim
     dev_res = evaluate(eval_model, data.eval_batches("dev"), dev, dtype)
     majority = majority_rate(data.labels("test"))
     summary = {
-        "task": cfg.task, "name": paths.name, "steps": step, "best_step": best["step"],
+        "task": cfg.task, "dataset": data.name, "name": paths.name, "steps": step, "best_step": best["step"],
         "transition_step": scheduler.transition_step, "transition_reason": scheduler.transition_reason,
         "densify_step": scheduler.densify_step,
         "dev_accuracy": dev_res["accuracy"], "test_accuracy": test["accuracy"], "test_majority_rate": majority,

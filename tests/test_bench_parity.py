@@ -37,7 +37,7 @@ def test_report_pairs_seeds_and_reports_ratio():
 def test_cached_run_records_each_run_and_does_not_repeat_it(tmp_path, monkeypatch):
     calls = []
 
-    def fake_run(root, task, preset, seed, mode, extra):
+    def fake_run(root, task, preset, seed, mode, extra, threads=0):
         calls.append((seed, mode))
         return {**result(seed, 0.5, 10.0), "mode": mode}
 
@@ -52,7 +52,7 @@ def test_cached_run_records_each_run_and_does_not_repeat_it(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("mode, pattern, diagonal", [
     ("learned", "learned", False), ("measured", "measured", False), ("coverage", "coverage", False),
-    ("measured-diag", "measured", True)])
+    ("measured-diag", "measured", True), ("random-diag", "random", True), ("forced-first", "measured", True)])
 def test_each_mode_fixes_its_settings_whatever_the_defaults(tmp_path, monkeypatch, mode, pattern, diagonal):
     """A mode passes main_train.py both its settings, and they parse as the config keys they name, so a row
     means the same rule whatever the task's default pattern is."""
@@ -78,6 +78,31 @@ def test_each_mode_fixes_its_settings_whatever_the_defaults(tmp_path, monkeypatc
     assert (o["sparsity"]["pattern"], o["sparsity"]["keep_diagonal"]) == (pattern, diagonal)
     cfg = load_config(args.task, args.preset, o)
     assert (cfg.sparsity.pattern, cfg.sparsity.keep_diagonal) == (pattern, diagonal)
+    assert (cfg.sparsity.max_dense_steps == 1) == (mode == "forced-first")  # the control switches at once
+
+
+def test_jobs_run_every_planned_run_once_and_keep_the_table_order(tmp_path, monkeypatch):
+    import sys
+
+    seen = []
+
+    def fake_run(root, task, preset, seed, mode, extra, threads=0):
+        seen.append((seed, mode, threads))
+        return {**result(seed, 0.5 + seed / 100, 10.0), "mode": mode}
+
+    monkeypatch.setattr(parity, "run", fake_run)
+    monkeypatch.setattr(parity, "prepare_data", lambda *a: None, raising=False)
+    monkeypatch.setattr(sys, "argv", ["parity.py", "--preset", "quick", "--modes", "dense", "measured-diag",
+                                      "random-diag", "--seeds", "1", "2", "--extra_seeds", "1", "--jobs", "2",
+                                      "--root", str(tmp_path), "--out", str(tmp_path / "t.txt")])
+    monkeypatch.setattr("sat.data.loading.prepare_data", lambda *a: None)
+    parity.main()
+    assert sorted(seen) == sorted([(1, "dense", 1), (1, "measured-diag", 1), (2, "dense", 1),
+                                   (2, "measured-diag", 1), (1, "random-diag", 1)])
+    lines = (tmp_path / "t.txt").read_text().split("per run:")[1].splitlines()
+    assert [ln.split()[1] for ln in lines if ln.startswith("  ")] == [
+        "dense", "dense", "measured-diag", "measured-diag", "random-diag"]
+    assert [ln.split()[0] for ln in lines if ln.startswith("  ")] == ["1", "2", "1", "2", "1"]
 
 
 def test_report_says_which_tested_checkpoints_were_trained_sparse():

@@ -25,14 +25,24 @@ from sat.data.lra import LRALoader, check_split
 
 def default_data_dir(cfg: TaskConfig, root: str | Path = ".") -> Path:
     """data/{task} under `root`; generated data (a preset's ListOps) in data/{task}-generated-{N}, so that
-    presets of different lengths keep their own sets."""
+    presets of different lengths keep their own sets; data prepared from a release (dataset.source) in
+    data/{task}-{source}."""
     suffix = f"-generated-{cfg.dataset.max_seq_len}" if cfg.dataset.generate else ""
+    suffix = f"-{cfg.dataset.source}" if cfg.dataset.source else suffix
     return Path(root) / "data" / f"{cfg.task}{suffix}"
 
 
 def prepare_data(cfg: TaskConfig, data_dir: Path) -> None:
-    """Generate and preprocess ListOps when the config asks for generated data and the folder does not hold
-    data made from the same settings in today's token convention (otherwise it is generated again)."""
+    """Make the data a config asks for when the folder does not hold it yet: ListOps generated and preprocessed
+    (again whenever the folder's data was made from other settings or in an older token convention), or
+    Fashion-MNIST prepared from the installed release (dataset.source)."""
+    if cfg.dataset.source:
+        if not (data_dir / f"{cfg.task}.meta.json").is_file():
+            from sat.data.prepare.fashion_mnist import preprocess_fashion_mnist
+
+            print(f"preparing Fashion-MNIST into {data_dir} ...", flush=True)
+            preprocess_fashion_mnist(data_dir)
+        return
     gen = cfg.dataset.generate
     if not gen:
         return
@@ -87,6 +97,7 @@ class TaskData:
     splits: dict[str, Any]  # "train" (unless loaded without it), "dev", "test": LRA Splits or ImageFolderDatasets
     vocab_size: int          # 0 for image folders
     meta_classes: int = 0    # LRA data: the class count (the config's, else the meta's)
+    name: str = ""           # which data set (summary.json's "dataset")
 
     @property
     def image_folders(self) -> bool:
@@ -140,10 +151,13 @@ def load_task_data(cfg: TaskConfig, data_dir: Path, need_train: bool = True) -> 
         raise DataError(f"data directory {data_dir} does not exist; preprocess the data (see README) or pass "
                         f"--data_dir")
     if cfg.dataset.kind == "image_folder":
-        return TaskData(cfg, _image_folder_splits(cfg, data_dir, need_train), 0)
+        return TaskData(cfg, _image_folder_splits(cfg, data_dir, need_train), 0, name=f"image folders in {data_dir}")
     meta = load_meta(data_dir, cfg.task)
     if cfg.task == listops.TASK:
         listops.check_processed_meta(meta, data_dir)
+    if cfg.dataset.source and meta.get("dataset") != cfg.dataset.source:
+        raise DataError(f"{data_dir} holds {meta.get('dataset') or 'other'} data, but the config asks for "
+                        f"{cfg.dataset.source}; pass --data_dir with {cfg.dataset.source} data (or none)")
     vocab = cfg.dataset.vocab_size or int(meta.get("vocab_size", 0))
     if vocab <= 0:
         raise DataError(f"{data_dir}: meta.json has no vocab_size; re-run the preprocess script")
@@ -161,7 +175,17 @@ def load_task_data(cfg: TaskConfig, data_dir: Path, need_train: bool = True) -> 
         check_split(s, cfg.dataset.max_seq_len, vocab, f"{cfg.task}.{split}",
                     reserved=1 if cfg.model.pooling == "cls" else 0)
         splits[split] = s
-    return TaskData(cfg, splits, vocab, classes)
+    return TaskData(cfg, splits, vocab, classes, dataset_name(meta, data_dir))
+
+
+def dataset_name(meta: dict, data_dir: Path) -> str:
+    """Which data set processed data was made from, for the log and summary.json: the meta's own name where
+    the preparer records one (fashion-mnist, cifar-10), generated ListOps, else the folder."""
+    if meta.get("dataset"):
+        return str(meta["dataset"])
+    if meta.get("generate"):
+        return "listops (generated)"
+    return f"processed data in {data_dir}"
 
 
 def _image_folder_splits(cfg: TaskConfig, data_dir: Path, need_train: bool) -> dict:

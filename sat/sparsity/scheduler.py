@@ -91,6 +91,8 @@ class TransitionScheduler:
             for layer, ch in zip(layers, chosen, strict=True):
                 layer.sparsify(c.density, ch.layout, ch.added_blocks)
         else:
+            if c.pattern == "random":
+                _draw_random_importance(layers)
             self.added_diagonal = sum(layer.sparsify(c.density, keep_diagonal=c.keep_diagonal) for layer in layers)
         for layer in layers:
             distributed.broadcast_(layer.layout)  # under torchrun every rank takes rank 0's layouts
@@ -125,3 +127,13 @@ class TransitionScheduler:
                     "added_diagonal", "density_used"):
             setattr(self, key, state[key])
         self.layout_recall = state.get("layout_recall")  # absent in checkpoints written before it existed
+
+
+def _draw_random_importance(layers) -> None:
+    """The negative control's block map: uniform noise in each layer's pattern map, so that its top-k is a random
+    layout at the configured density (with the same diagonal rule as the others). Drawn from the run's seed
+    and the layer's index, without touching the training's random stream."""
+    for i, layer in enumerate(layers):
+        g = torch.Generator().manual_seed((torch.initial_seed() * 1000 + i) % 2**63)
+        noise = torch.rand(layer.pattern_mean.shape, generator=g)
+        layer.pattern_mean.copy_(noise.to(layer.pattern_mean.device))

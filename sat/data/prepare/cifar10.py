@@ -155,6 +155,7 @@ def preprocess_cifar10(raw_dir: str | Path, out_dir: str | Path, force: bool = F
         "test": _read([test_file], chunks, n_test, f"{TASK} test"),
     }
     meta = {"vocab_size": 256, "max_len": PIXELS, "num_classes": NUM_CLASSES, "image_size": [SIDE, SIDE],
+            "dataset": "cifar-10",
             "grayscale": "trunc(255.5 * (0.2989 R + 0.5870 G + 0.1140 B) / 255), float64",
             "release": kind, "sha256": sha256_of_files([*train_files, test_file])}
     return write_task(out_dir, TASK, splits, meta)
