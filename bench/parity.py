@@ -29,15 +29,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# every mode names both settings, so that a row means the same whatever the task's defaults are
+# every automatic mode names its pattern, diagonal rule and selection, so that a row means the same whatever the
+# task's defaults are: mode -> (pattern, keep_diagonal, selection, further flags)
+_AUTOMATIC = {
+    "learned": ("learned", False, "global", []), "measured": ("measured", False, "global", []),
+    "coverage": ("coverage", False, "global", []), "measured-diag": ("measured", True, "global", []),
+    # other spreads of the same measured top-k (sat.sparsity.pattern.selection_scores)
+    "rows-diag": ("measured", True, "rows", []), "stripes-diag": ("measured", True, "stripes", []),
+    # negative controls: a random layout at the same density, and the default rule switched after the first
+    # monitored step, before anything is learned
+    "random-diag": ("random", True, "global", []),
+    "forced-first": ("measured", True, "global", ["--max_dense_steps=1"]),
+}
 MODES = {"dense": ["--no_switch"]} | {
-    mode: [f"--set=sparsity.pattern=\"{pattern}\"", f"--set=sparsity.keep_diagonal={diagonal}"]
-    for mode, pattern, diagonal in (("learned", "learned", "false"), ("measured", "measured", "false"),
-                                    ("coverage", "coverage", "false"), ("measured-diag", "measured", "true"),
-                                    ("random-diag", "random", "true"))} | {
-    # negative control: the default rule, switched after the first monitored step, before anything is learned
-    "forced-first": ["--set=sparsity.pattern=\"measured\"", "--set=sparsity.keep_diagonal=true",
-                     "--max_dense_steps=1"]}
+    mode: [f"--set=sparsity.pattern=\"{pattern}\"", f"--set=sparsity.keep_diagonal={str(diagonal).lower()}",
+           f"--set=sparsity.selection=\"{selection}\"", *more]
+    for mode, (pattern, diagonal, selection, more) in _AUTOMATIC.items()}
 # two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (scipy is not a run-time dependency)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 

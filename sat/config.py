@@ -90,6 +90,7 @@ class SparsityConfig:
     recall_batches: int = 4        # dev batches over which the layout recall (and coverage's mass) is measured
     per_head: bool = False
     keep_diagonal: bool = False    # every query block keeps its own key block, within the blocks chosen
+    selection: str = "global"      # top-k patterns: global (SAT) | rows (spread over query rows) | stripes (columns)
     s2d_fraction: float = 0.7      # Monarch MLPs densified at this fraction of train_steps (mlp: monarch)
     enabled: bool = True           # False = dense-only training (the monitor still runs and logs)
 
@@ -107,6 +108,7 @@ class TaskConfig:
 
 
 PATTERNS = ("learned", "measured", "coverage", "random")  # sparsity.pattern: how the switch picks its blocks
+SELECTIONS = ("global", "rows", "stripes")  # sparsity.selection (sat.sparsity.pattern.selection_scores)
 SOURCES = ("", "fashion-mnist")  # dataset.source: data the trainer prepares itself from an installed release
 
 SECTIONS = {"dataset": DatasetConfig, "model": ModelConfig, "training": TrainingConfig, "sparsity": SparsityConfig}
@@ -232,6 +234,8 @@ def validate(cfg: TaskConfig) -> TaskConfig:
         (s.attn_loss_scale >= 0, "sparsity.attn_loss_scale must be >= 0"),
         (s.lr_scale_after_transition > 0, "sparsity.lr_scale_after_transition must be positive"),
         (s.pattern in PATTERNS, f"sparsity.pattern must be one of {', '.join(map(repr, PATTERNS))}, got {s.pattern!r}"),
+        (s.selection in SELECTIONS, f"sparsity.selection must be one of {', '.join(map(repr, SELECTIONS))}, got "
+                                    f"{s.selection!r}"),
         (0.0 < s.recall_target <= 1.0, f"sparsity.recall_target must lie in (0, 1], got {s.recall_target}"),
         (0.0 < s.min_density <= s.max_density <= 1.0,
          f"sparsity needs 0 < min_density <= max_density <= 1, got min_density {s.min_density} and max_density "

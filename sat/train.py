@@ -446,6 +446,7 @@ def _summarize(cfg, paths, data, dev, dtype, backend, info, scheduler, step, tim
         "peak_memory_mb": peak_memory_mb(dev), "density": cfg.sparsity.density,
         "density_used": scheduler.density_used, "added_diagonal_blocks": scheduler.added_diagonal,
         "pattern": cfg.sparsity.pattern, "keep_diagonal": cfg.sparsity.keep_diagonal,
+        "selection": cfg.sparsity.selection,
         "layout_recall": scheduler.layout_recall,
         "block_size": cfg.sparsity.block_size, "seq_len": cfg.dataset.max_seq_len, "device": str(dev),
     }

@@ -52,7 +52,8 @@ def test_cached_run_records_each_run_and_does_not_repeat_it(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("mode, pattern, diagonal", [
     ("learned", "learned", False), ("measured", "measured", False), ("coverage", "coverage", False),
-    ("measured-diag", "measured", True), ("random-diag", "random", True), ("forced-first", "measured", True)])
+    ("measured-diag", "measured", True), ("random-diag", "random", True), ("forced-first", "measured", True),
+    ("rows-diag", "measured", True), ("stripes-diag", "measured", True)])
 def test_each_mode_fixes_its_settings_whatever_the_defaults(tmp_path, monkeypatch, mode, pattern, diagonal):
     """A mode passes main_train.py both its settings, and they parse as the config keys they name, so a row
     means the same rule whatever the task's default pattern is."""
@@ -79,6 +80,7 @@ def test_each_mode_fixes_its_settings_whatever_the_defaults(tmp_path, monkeypatc
     cfg = load_config(args.task, args.preset, o)
     assert (cfg.sparsity.pattern, cfg.sparsity.keep_diagonal) == (pattern, diagonal)
     assert (cfg.sparsity.max_dense_steps == 1) == (mode == "forced-first")  # the control switches at once
+    assert cfg.sparsity.selection == {"rows-diag": "rows", "stripes-diag": "stripes"}.get(mode, "global")
 
 
 def test_jobs_run_every_planned_run_once_and_keep_the_table_order(tmp_path, monkeypatch):

@@ -68,7 +68,7 @@ class Attention(nn.Module):
         return self.pattern_mean
 
     def sparsify(self, density: float, layout: torch.Tensor | None = None,
-                 added: torch.Tensor | None = None, keep_diagonal: bool = False) -> int:
+                 added: torch.Tensor | None = None, keep_diagonal: bool = False, selection: str = "global") -> int:
         """Freeze the pattern and switch to block-sparse attention over `layout` (1 or H, nb, nb) when given
         (a coverage layout, with the diagonal blocks its chooser `added` to empty rows), else over the top-k
         layout of the pattern (its diagonal blocks always among them with `keep_diagonal`); returns how many
@@ -76,7 +76,7 @@ class Attention(nn.Module):
         Which blocks were added stays in `added_blocks` (the switch's picture marks them)."""
         count = 0
         if layout is None:
-            layout, added = topk_layout(self.importance(), density, keep_diagonal)
+            layout, added = topk_layout(self.importance(), density, keep_diagonal, selection)
             count = int(added.sum())
         self.layout.copy_(layout.to(self.layout.device).expand_as(self.layout))
         self.added_blocks = None if added is None else added.detach().cpu()

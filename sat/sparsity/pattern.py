@@ -31,14 +31,18 @@ def pattern_loss(pooled: torch.Tensor, importance: torch.Tensor) -> torch.Tensor
     return F.mse_loss(importance.expand_as(pooled).float(), pooled.float())
 
 
-def topk_layout(importance: torch.Tensor, density: float,
-                keep_diagonal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+SELECTIONS = ("global", "rows", "stripes")
+
+
+def topk_layout(importance: torch.Tensor, density: float, keep_diagonal: bool = False,
+                selection: str = "global") -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k layout of a block-importance map, per leading index.
 
     importance: (nb, nb) or (H, nb, nb). Returns (layout bool (1 or H, nb, nb), the diagonal blocks added to
     rows that the top-k left empty, bool of the same shape). k = int(nb * nb * density) blocks per map before
     the additions. keep_diagonal: the nb diagonal blocks are among the k (k is raised to nb if smaller), the
-    other k - nb are the top of the off-diagonal blocks; no row is then left empty.
+    other k - nb are the top of the off-diagonal blocks; no row is then left empty. `selection` says how the k
+    are spread (see `selection_scores`): "global" (SAT's rule: the k largest entries), "rows" or "stripes".
     """
     g = importance.detach().float()
     if g.dim() == 2:
@@ -50,11 +54,43 @@ def topk_layout(importance: torch.Tensor, density: float,
     if keep_diagonal:
         g = with_diagonal_first(g)
         k = max(k, nb)
+    g = selection_scores(g, selection, k)
     flat = g.reshape(h, nb * nb)
     idx = flat.topk(k, dim=-1).indices  # (h, k)
     layout = torch.zeros(h, nb * nb, dtype=torch.bool, device=g.device)
     layout.scatter_(1, idx, True)
     return fill_empty_rows(layout.reshape(h, nb, nb))
+
+
+def selection_scores(scores: torch.Tensor, selection: str, k: int) -> torch.Tensor:
+    """Scores (h, nb, nb) re-ranked so that the k highest follow `selection` (+inf entries, the kept diagonal,
+    stay first):
+
+    - "global": unchanged; the k largest blocks wherever they are (SAT's rule; a few query rows can take
+      most of the off-diagonal blocks).
+    - "rows": every query-block row first takes its own int(k / nb) best blocks (at least 1), then the blocks
+      left over go one per row, to the rows whose next-best block is the largest: the budget is spread evenly
+      over the query rows (no row gets more than one block above another).
+    - "stripes": whole key-block columns, the columns in order of their total score and the blocks of a
+      column in order of their own (vertical stripes: key blocks that every query reads; the last column
+      may be partly taken).
+    """
+    if selection == "global":
+        return scores
+    h, nb, _ = scores.shape
+    finite = scores.masked_fill(~torch.isfinite(scores), 0.0)
+    own = finite / (finite.abs().amax(dim=(-2, -1), keepdim=True) + 1e-30)  # in [-1, 1]: order within a tier
+    if selection == "rows":
+        per_row = max(1, k // nb)
+        rank = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # (h, nb, nb): place in row
+        tier = 2.0 * (rank < per_row) + 1.0 * (rank == per_row)  # each row's best per_row, then its next one
+    elif selection == "stripes":
+        column = finite.sum(dim=-2)  # (h, nb): total score of each key block
+        place = column.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = heaviest column
+        tier = (nb - place).to(scores.dtype).unsqueeze(-2).expand(h, nb, nb)  # columns in order, as tiers
+    else:
+        raise ValueError(f"unknown selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
+    return torch.where(torch.isinf(scores), scores, 3.0 * tier + own)  # tiers 3 apart: own (+-1) never crosses
 
 
 def with_diagonal_first(scores: torch.Tensor) -> torch.Tensor:

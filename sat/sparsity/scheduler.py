@@ -93,7 +93,8 @@ class TransitionScheduler:
         else:
             if c.pattern == "random":
                 _draw_random_importance(layers)
-            self.added_diagonal = sum(layer.sparsify(c.density, keep_diagonal=c.keep_diagonal) for layer in layers)
+            self.added_diagonal = sum(layer.sparsify(c.density, keep_diagonal=c.keep_diagonal, selection=c.selection)
+                                      for layer in layers)
         for layer in layers:
             distributed.broadcast_(layer.layout)  # under torchrun every rank takes rank 0's layouts
         per_layer = [float(layer.layout.float().mean()) for layer in layers]
