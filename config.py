@@ -22,7 +22,7 @@ def _lra(max_seq_len, num_classes, layers, block, density, batch, lr, steps, war
             "sk": 1.7, "ds": 1.3, "density": density, "block_size": block, "attn_loss_scale": 0.01,
             "monitor_every": 1, "max_dense_steps": steps // 5, "lr_scale_after_transition": 0.5,
             # the top-k of the measured block mass with every diagonal block kept: the mode that measured best
-            # on LRA ListOps (README, bench/results/parity-*.txt); SAT's rule is pattern "learned", no diagonal
+            # on LRA ListOps (bench/results/parity-*.txt); SAT's rule is pattern "learned", no diagonal
             "pattern": "measured", "per_head": False, "keep_diagonal": True, "s2d_fraction": 0.7, "enabled": True,
             "recall_target": 0.9, "min_density": 0.02, "max_density": 0.5, "recall_batches": 4,
         },
@@ -78,7 +78,7 @@ _VIT_TINY = {
     "sparsity": {"block_size": 8, "density": 0.4, "max_dense_steps": 10},
 }
 
-# Presets: partial dicts merged over CONFIG[task]. "quick" is the README's main job: generated ListOps at a
+# Presets: partial dicts merged over CONFIG[task]. "quick" is the README's no-download job: generated ListOps at a
 # scale a 2-core CPU trains in minutes, keeping SAT's monitor thresholds (--sk 1.7 --ds 1.3).
 PRESETS = {
     "quick": {

@@ -3,7 +3,7 @@
     python bench/train_step.py [--batch 32] [--density 0.05] [--steps 10] [--task lra-image] [--preset quick]
         [--set sparsity.pattern=learned ...]
 
-Another task's shapes: --task lra-listops --preset quick (the README main job's model); the density defaults
+Another task's shapes: --task lra-listops --preset quick (the README's no-download job); the density defaults
 to the task's.
 
 Each measurement runs in its own process (so peak memory is that phase's alone) and reports the median step

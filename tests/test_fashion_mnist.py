@@ -157,3 +157,67 @@ def test_real_release(tmp_path: Path) -> None:
     img = test.x[0].reshape(32, 32)
     assert (img[:2] == 0).all() and img[2:30, 2:30].max() > 0
     assert load_meta(tmp_path, "lra-image")["sha256"] == meta["sha256"]
+
+
+# ------------------------------------------------------------------------------------ --preset image
+
+
+def test_preset_prepares_the_release_on_first_use(tmp_path: Path, monkeypatch) -> None:
+    from sat.config import load_config
+    from sat.data.loading import default_data_dir, load_task_data, prepare_data
+
+    make_release(tmp_path / "share", n_train=30, n_test=10)
+    monkeypatch.setattr(fm, "debian_folder", lambda: tmp_path / "share")
+    cfg = load_config("lra-image", "image")
+    folder = default_data_dir(cfg, tmp_path)
+    assert folder == tmp_path / "data" / "lra-image-fashion-mnist"
+    prepare_data(cfg, folder)
+    data = load_task_data(cfg, folder)
+    assert data.name == "fashion-mnist" and len(data.splits["dev"]) == 3
+    stamp = (folder / "lra-image.meta.json").stat().st_mtime_ns
+    prepare_data(cfg, folder)  # already there: not made again
+    assert (folder / "lra-image.meta.json").stat().st_mtime_ns == stamp
+
+
+def _small_image_run(tmp_path: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    argv = ["--task", "lra-image", "--preset", "image", "--root", str(tmp_path), "--random", "3", "--no_progress",
+            "--train_steps", "4", "--max_dense_steps", "2", "--set=model.num_layers=1", "--set=model.dim=16",
+            "--set=model.hidden_dim=32", "--set=model.head_dim=8", "--set=training.batch_size=4",
+            "--set=training.eval_frequency=2", "--set=training.warmup_steps=1", *extra]
+    return subprocess.run([sys.executable, str(ROOT / "main_train.py"), *argv], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=600)
+
+
+def test_preset_without_the_package_is_one_line_and_nothing_written(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no dpkg on the path: as if not installed
+    r = _small_image_run(tmp_path, env=env)
+    refused(r, "apt-get install -y dataset-fashion-mnist")
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()
+    assert not any((tmp_path / "data" / "lra-image-fashion-mnist").glob("*.npz"))
+
+
+def test_preset_refuses_other_data(tmp_path: Path) -> None:
+    from sat.data.format import Split, save_meta, save_split
+
+    other = tmp_path / "cifar"
+    for split in ("train", "dev", "test"):
+        save_split(other, "lra-image", split, Split(np.zeros((4, 1024), np.int32), np.full(4, 1024, np.int32),
+                                                    np.arange(4) % 10))
+    save_meta(other, "lra-image", {"vocab_size": 256, "num_classes": 10, "dataset": "cifar-10"})
+    r = _small_image_run(tmp_path, "--data_dir", str(other))
+    refused(r, "holds cifar-10 data, but the config asks for fashion-mnist")
+
+
+def test_preset_trains_and_the_summary_names_the_data(tmp_path: Path) -> None:
+    import json
+
+    make_release(tmp_path / "raw", n_train=40, n_test=12)
+    fm.preprocess_fashion_mnist(tmp_path / "fm", tmp_path / "raw")
+    r = _small_image_run(tmp_path, "--data_dir", str(tmp_path / "fm"), "--name", "fm")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "task lra-image on fashion-mnist:" in r.stdout
+    summary = json.loads((tmp_path / "logs" / "log-3" / "lra-image" / "fm.summary.json").read_text())
+    assert summary["dataset"] == "fashion-mnist" and summary["transition_step"] == 2
+    assert summary["selection"] == "global" and summary["keep_diagonal"] is True

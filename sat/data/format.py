@@ -65,7 +65,7 @@ def save_meta(data_dir: str | Path, task: str, meta: dict) -> Path:
 def load_meta(data_dir: str | Path, task: str) -> dict:
     path = meta_path(data_dir, task)
     if not path.is_file():
-        raise DataError(f"no {path}: run the preprocess script for {task} (see README) or pass --data_dir")
+        raise DataError(f"no {path}: run the preprocess script for {task} (docs/data.md) or pass --data_dir")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -100,7 +100,7 @@ def load_split(data_dir: str | Path, task: str, split: str, num_classes: int | N
     """Read and validate one split; every problem is a DataError saying what to do."""
     path = split_path(data_dir, task, split)
     if not path.is_file():
-        raise DataError(f"no {path}: run the preprocess script for {task} (see README) or pass --data_dir")
+        raise DataError(f"no {path}: run the preprocess script for {task} (docs/data.md) or pass --data_dir")
     x, lengths, y = _read_arrays(path)
     redo = "re-create it with the preprocess script"
     if not all(np.issubdtype(a.dtype, np.integer) for a in (x, lengths, y)):

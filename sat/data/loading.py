@@ -148,7 +148,7 @@ def load_task_data(cfg: TaskConfig, data_dir: Path, need_train: bool = True) -> 
     """Validated splits {train, dev, test} and the vocabulary size (0 for image folders). Image folders
     without `need_train` skip listing the (large) train split and give {dev, test} only."""
     if not data_dir.is_dir():
-        raise DataError(f"data directory {data_dir} does not exist; preprocess the data (see README) or pass "
+        raise DataError(f"data directory {data_dir} does not exist; preprocess the data (docs/data.md) or pass "
                         f"--data_dir")
     if cfg.dataset.kind == "image_folder":
         return TaskData(cfg, _image_folder_splits(cfg, data_dir, need_train), 0, name=f"image folders in {data_dir}")

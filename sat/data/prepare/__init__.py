@@ -64,13 +64,13 @@ def check_max_len(max_len: int) -> None:
 
 def require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
-        raise DataError(f"missing {what}: no folder {path}; check --raw (see README for the expected layout)")
+        raise DataError(f"missing {what}: no folder {path}; check --raw (docs/data.md gives the expected layout)")
     return path
 
 
 def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
-        raise DataError(f"missing {what}: no file {path}; check --raw (see README for the expected layout)")
+        raise DataError(f"missing {what}: no file {path}; check --raw (docs/data.md gives the expected layout)")
     return path
 
 
