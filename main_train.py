@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"checkpoints/")
             paths = RunPaths.make(a.root, a.random, a.task, a.name)
             check_run_name(paths, a.resume, a.overwrite, a.root)
-            if a.resume:  # the run's own settings; flags may only repeat them
-                cfg, saved_data_dir = resumed_config(paths, a.task, a.preset, overrides_from_args(a))
+            resume: bool | dict = False
+            if a.resume:  # the run's own settings; flags may only repeat them. The checkpoint is read once.
+                cfg, saved_data_dir, resume = resumed_config(paths, a.task, a.preset, overrides_from_args(a))
                 data_dir = Path(a.data_dir) if a.data_dir else saved_data_dir
             else:
                 cfg = load_config(a.task, a.preset, overrides_from_args(a))
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.data_dir is None and info.is_main:
                 prepare_data(cfg, data_dir)
             distributed.barrier()
-            train(cfg, paths, data_dir, device=device, backend=a.backend, seed=a.random, resume=a.resume,
+            train(cfg, paths, data_dir, device=device, backend=a.backend, seed=a.random, resume=resume,
                   progress=not a.no_progress, stop_at=a.stop_at, overwrite=a.overwrite)
     except Interrupted as e:  # the one line is printed by train() once a step has run
         release_frames(e)

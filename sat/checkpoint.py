@@ -15,15 +15,12 @@ from pathlib import Path
 
 import torch
 
+from sat.config import SECTIONS
 from sat.fileio import atomic_write
+from sat.run_state import REQUIRED  # what a checkpoint holds, declared once (PARTS)
 
 FORMAT_VERSION = 1
 
-# Keys every SAT checkpoint holds (sat/train.py `_checkpoint`) and the types the readers rely on.
-REQUIRED = {"task": str, "config": dict, "step": int, "model": dict, "scheduler": dict, "vocab_size": int,
-            "data_dir": str, "optimizer": dict, "train_loader": dict, "rng": dict, "timing": dict,
-            "best_dev_accuracy": float}
-CONFIG_SECTIONS = ("dataset", "model", "training", "sparsity")
 
 
 class CheckpointError(Exception):
@@ -61,7 +58,7 @@ def _check_state(state, path: Path) -> dict:
                                   f"delete it and retrain, or use the other saved checkpoint")
     config = state["config"]
     if config.get("task", state["task"]) != state["task"] or not all(
-            isinstance(config.get(s), dict) for s in CONFIG_SECTIONS):
+            isinstance(config.get(s), dict) for s in SECTIONS):
         raise CheckpointError(f"checkpoint {path} is damaged (its config is incomplete); delete it and "
                               f"retrain, or use the other saved checkpoint")
     return state

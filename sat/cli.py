@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from sat.checkpoint import CheckpointError
 from sat.config import ConfigError, die, merge
@@ -111,36 +111,15 @@ def set_overrides(items: list[str]) -> dict:
     return o
 
 
-def _for_evaluation(section: str, key: str) -> bool:
-    """Config keys that change what an evaluation computes: the model built, the data as it is read, the
-    precision. The rest (steps, learning rate, thresholds, density: the saved layouts are used) only steers
-    training."""
-    if section == "model":
-        return True
-    if section == "dataset":
-        return key not in ("generate", "num_workers")
-    return (section, key) in {("sparsity", "block_size"), ("sparsity", "per_head"), ("training", "amp")}
-
-
-def evaluation_flags(a: argparse.Namespace) -> dict[str, Any]:
-    """The evaluation-relevant config values this command line sets explicitly (by --preset, a flag or --set),
-    as {"section.key": value}, checked against the checkpoint's configuration. The flags are validated as a
-    training run would validate them (bad values are refused the same way)."""
-    from sat.config import load_config, presets
+def command_line_config(a: argparse.Namespace) -> dict:
+    """What this command line sets, {section: {key: value}} (its preset's values, flags and --set), validated
+    as a training run would validate it (bad values are refused the same way)."""
+    from sat.config import load_config
+    from sat.runs import command_line_config as given
 
     overrides = overrides_from_args(a)
-    cfg = load_config(a.task, a.preset, overrides).to_dict()
-    named = presets().get(a.preset, {}).get(a.task, {}) if a.preset else {}
-    out = {}
-    for source in (named, overrides):
-        for section, values in source.items():
-            for key in values:
-                value = cfg[section][key]
-                if (section, key) == ("dataset", "num_classes") and value == 0:
-                    continue  # "count them in the data": nothing to check
-                if _for_evaluation(section, key):
-                    out[f"{section}.{key}"] = value
-    return out
+    load_config(a.task, a.preset, overrides)
+    return given(a.task, a.preset, overrides)
 
 
 @contextmanager
@@ -198,7 +177,7 @@ def evaluate_run(a: argparse.Namespace) -> int:
     split, which = getattr(a, "split", "test"), getattr(a, "which", "best")  # main_train's --mode eval: defaults
     with exit_codes():
         out = evaluate_saved_run(RunPaths.make(a.root, a.random, a.task, a.name), a.task, split, which, a.data_dir,
-                                 resolve_device(a.device), a.backend, expect=evaluation_flags(a))
+                                 resolve_device(a.device), a.backend, given=command_line_config(a))
     top5 = f" (top-5 {out['top5']:.4f})" if out.get("num_classes", 0) > 5 else ""
     print(f"{split} accuracy {out['accuracy']:.4f}{top5} on {out['examples']} examples "
           f"({out['attention']} attention, checkpoint of step {out['checkpoint_step']}); mean batch latency "

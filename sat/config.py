@@ -37,6 +37,7 @@ class DatasetConfig:
     num_workers: int = 8           # image_folder: DataLoader worker processes per rank
     crop_pct: float = 0.875        # image_folder: evaluation resizes to img_size / crop_pct, centre-crops
     source: str = ""               # "" = processed files in data_dir | "fashion-mnist" (made from the release)
+    channels: int = 0              # image_folder: input channels; 0 = from the data (1 Fashion-MNIST, 3 folders)
 
 
 @dataclass
@@ -220,6 +221,8 @@ def validate(cfg: TaskConfig) -> TaskConfig:
          "image_folder tasks have one input and num_classes >= 2 (or 0 = count the class folders)"),
         (d.num_workers >= 0 and 0.0 < d.crop_pct <= 1.0,
          "dataset.num_workers must be >= 0, crop_pct in (0, 1]"),
+        (d.channels >= 0 and (image or d.channels == 0),
+         f"dataset.channels applies to image_folder tasks and must be >= 0 (0 = from the data), got {d.channels}"),
         (t.warmup_steps >= 0 and t.eval_frequency > 0 and t.num_eval_batches >= 0,
          "training.warmup_steps and num_eval_batches must be >= 0 and eval_frequency > 0"),
         (t.weight_decay >= 0 and t.clip_value >= 0, "training.weight_decay and clip_value must be >= 0"),

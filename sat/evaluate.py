@@ -15,8 +15,9 @@ from sat.checkpoint import CheckpointError, load_checkpoint
 from sat.config import ConfigError, from_dict
 from sat.data.loading import load_task_data
 from sat.device import amp_dtype, peak_memory_mb
-from sat.models.build import model_from_checkpoint
+from sat.run_state import model_from_checkpoint
 from sat.runlog import RunPaths
+from sat.runs import config_conflicts
 
 
 @torch.no_grad()
@@ -60,25 +61,34 @@ def majority_rate(labels) -> float:
     return float(counts.max()) / float(counts.sum())
 
 
+def changes_evaluation(section: str, key: str) -> bool:
+    """Config keys that change what an evaluation computes: the model built, the data as it is read, the
+    precision. The rest (steps, learning rate, thresholds, density: the saved layouts are used) only steers
+    training."""
+    if section == "model":
+        return True
+    if section == "dataset":
+        return key not in ("generate", "num_workers")
+    return (section, key) in {("sparsity", "block_size"), ("sparsity", "per_head"), ("training", "amp")}
+
+
 def evaluate_saved_run(paths: RunPaths, task: str, split: str = "test", which: str = "best",
                        data_dir: str | Path | None = None, device: str = "cpu", backend: str = "auto",
-                       expect: dict | None = None) -> dict:
+                       given: dict | None = None) -> dict:
     """Evaluate the `which` ("best" dev or "last") checkpoint of a run on one split of its data (the data it
     trained on unless `data_dir`): accuracy, top-5, examples, mean batch latency, peak memory and whether the
-    attention was block-sparse. The configuration is the checkpoint's; `expect` ({"section.key": value}, what
-    the command line set) must agree with it. Bad input raises ConfigError, DataError or CheckpointError."""
+    attention was block-sparse. The configuration is the checkpoint's; what `given` ({section: {key: value}},
+    what the command line sets) says of the keys that change an evaluation must agree with it. Bad input
+    raises ConfigError, DataError or CheckpointError."""
     dev = torch.device(device)
     path = paths.best if which == "best" else paths.last
     state = load_checkpoint(path, map_location=dev)
     if state["task"] != task:
         raise CheckpointError(f"checkpoint holds task {state['task']}, not {task}; check --task")
-    for key, value in (expect or {}).items():
-        section, name = key.split(".", 1)
-        saved = state["config"][section].get(name)
-        if saved != value:
-            raise ConfigError(f"{key}: the command line sets {value!r} but the run was trained with {saved!r} "
-                              f"({path}); evaluation uses the checkpoint's configuration, so drop that flag or "
-                              f"check --name/--random")
+    conflicts = config_conflicts(state["config"], given or {}, changes_evaluation, "on the command line")
+    if conflicts:
+        raise ConfigError(f"{'; '.join(conflicts)}: evaluation uses the configuration the run was trained with "
+                          f"({path}), so drop such flags or check --name/--random")
     cfg = from_dict(state["config"])
     data = load_task_data(cfg, Path(data_dir) if data_dir else Path(state["data_dir"]), need_train=split == "train")
     model = model_from_checkpoint(state, dev, backend)

@@ -24,7 +24,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 
 from sat import distributed
 from sat.checkpoint import CheckpointError, load_checkpoint
-from sat.config import ConfigError, TaskConfig, checkpoint_interval
+from sat.config import SECTIONS, ConfigError, TaskConfig, checkpoint_interval
 from sat.data.batch import Batch
 from sat.data.loading import TaskData, describe_batch, load_task_data, make_mixer, rank_batch, resolve_for_data
 from sat.device import amp_dtype, peak_memory_mb
@@ -42,11 +41,12 @@ from sat.evaluate import evaluate, majority_rate
 from sat.fileio import atomic_write_text
 from sat.interrupt import STOP, Interrupted
 from sat.kernels import check_backend
-from sat.models.build import build_model, load_weights, model_from_checkpoint
+from sat.models.build import build_model
 from sat.models.monarch import count_parameters
 from sat.optim import lr_at, make_optimizer, set_lr
+from sat.run_state import RunState, model_from_checkpoint, restore, snapshot
 from sat.runlog import RunLog, RunPaths
-from sat.runs import config_differences
+from sat.runs import config_conflicts, may_change_on_resume
 from sat.sparsity.monitor import MonitorRecord
 from sat.sparsity.recall import measure_block_mass
 from sat.sparsity.scheduler import Event, TransitionScheduler
@@ -57,15 +57,67 @@ class TrainingError(Exception):
 
 
 def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu", backend: str = "auto",
-          seed: int = 0, resume: bool = False, progress: bool = True, stop_at: int = 0,
+          seed: int = 0, resume: bool | dict = False, progress: bool = True, stop_at: int = 0,
           overwrite: bool = False) -> dict | None:
     """Train one run end to end; returns the summary written to summary.json.
 
     `stop_at` > 0 ends the process's work after that many steps, with a checkpoint as an interruption would,
-    and returns None; `resume` continues from the last checkpoint; `overwrite` deletes the run's earlier
-    artefacts once the set-up has found nothing to refuse. SIGINT/SIGTERM (with sat.interrupt's handlers
-    installed) stop the loop after the step in progress, with a checkpoint, by raising `Interrupted`."""
-    # set-up: data, model, optimizer, transition scheduler; a checkpoint's state on --resume
+    and returns None; `resume` continues from the last checkpoint (True: read it here; a dict: the checkpoint
+    already read, as main_train.py's --resume does); `overwrite` deletes the run's earlier artefacts once the
+    set-up has found nothing to refuse. SIGINT/SIGTERM (with sat.interrupt's handlers installed) stop the loop
+    after the step in progress, with a checkpoint, by raising `Interrupted`."""
+    s = _set_up(cfg, data_dir, device, backend, seed)
+    if resume:
+        _resume(s, paths, resume if isinstance(resume, dict) else load_checkpoint(paths.last, map_location="cpu"))
+    if s.info.enabled:  # per-rank random streams (dropout, Mixup) differ by rank; on resume they are re-derived
+        torch.manual_seed(seed * 1009 + s.info.rank * 7919 + s.step)
+        if s.mixer is not None:
+            s.mixer.rng = np.random.default_rng([seed, s.info.rank, s.step])
+    s.forward_model = data_parallel(s.model, s.cfg, s.scheduler.sparse)
+    saver = Checkpointer(s.cfg.training.checkpoint_every)
+    t = s.cfg.training
+    removed = paths.remove() if overwrite and s.info.is_main else []  # nothing above refused the run
+
+    with RunLog(paths, s.info.is_main, progress, s.step, t.train_steps, s.cfg.task) as run, STOP.deferred():
+        if removed:
+            run.say(f"--overwrite: removed the earlier run {paths.name!r} ({', '.join(p.name for p in removed)})")
+        run.say(_describe(s))
+        run.say(f"data: {data_dir}; logs: {paths.log_dir}; checkpoints: {paths.ckpt_dir}")
+        if resume:
+            run.say(f"resumed from step {s.step} (phase {'sparse' if s.scheduler.sparse else 'dense'}) of "
+                    f"{paths.last}")
+        run.monitor_charts(s.cfg.model.num_layers)
+        run.say(describe_batch(s.cfg, s.info.world))
+        s.model.train()
+        while s.step < t.train_steps:
+            signum = _train_step(s, run)
+            if s.step % t.eval_frequency == 0 or s.step == t.train_steps:
+                saver.at_evaluation(s, run, _evaluate_dev(s, run))
+            if not s.info.enabled:  # one process: the signal as of this step's end (no other rank to agree with)
+                signum = STOP.signum
+            if saver.after_step(s, run, signum, bool(stop_at and stop_at <= s.step < t.train_steps)):
+                return None
+
+        # finish: rank 0 alone evaluates the best checkpoint (no collectives from here on). The last step's
+        # checkpoint is on disk, so a signal from here on stops at once; --resume repeats only this part.
+        try:
+            STOP.immediate()
+            run.bar.close()  # the final bar stays above the closing lines
+            if getattr(s.batches, "substituted", 0):
+                run.say(f"{s.batches.substituted} unreadable training image(s) were replaced by the next readable "
+                        f"one")
+            if not s.info.is_main:
+                return None
+            return _summarize(s, paths, backend, run)
+        except Interrupted as e:
+            if not e.said:
+                run.say(f"interrupted at step {s.step}; checkpoint saved; continue with --resume")
+                e.said = True
+            raise
+
+
+def _set_up(cfg: TaskConfig, data_dir: Path, device: str, backend: str, seed: int) -> RunState:
+    """Data, model, optimizer and transition scheduler of a new run (step 0)."""
     dev, info = torch.device(device), distributed.current()
     requested = cfg.to_dict()  # before the data fills in what the config leaves open: what --resume restores
     dtype = amp_dtype(cfg, dev)
@@ -79,94 +131,51 @@ def train(cfg: TaskConfig, paths: RunPaths, data_dir: Path, device: str = "cpu",
     data = load_task_data(cfg, data_dir)
     batches = data.train_stream(seed, info.rank, info.world)
     cfg = resolve_for_data(cfg, data.found_classes(), len(batches))
-    t = cfg.training
     model = build_model(cfg, data.vocab_size, backend).to(dev)
-    scheduler = TransitionScheduler(cfg.sparsity, cfg.model.num_layers, t.train_steps,
+    scheduler = TransitionScheduler(cfg.sparsity, cfg.model.num_layers, cfg.training.train_steps,
                                     has_monarch=cfg.model.mlp == "monarch",
                                     probe=_recall_probe(data, cfg, dev, dtype))
-    optimizer = make_optimizer(model, cfg)
-    mixer = make_mixer(cfg, seed + info.rank)
-    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
-    step, best_acc, timing = 0, -1.0, {"dense_time": 0.0, "dense_steps": 0, "sparse_time": 0.0, "sparse_steps": 0}
-    if resume:
-        step, best_acc, model, optimizer, timing = _resume(paths, cfg, model, scheduler, batches, scaler, dev, mixer)
-    if info.enabled:  # per-rank random streams (dropout, Mixup) differ by rank; on resume they are re-derived
-        torch.manual_seed(seed * 1009 + info.rank * 7919 + step)
-        if mixer is not None:
-            mixer.rng = np.random.default_rng([seed, info.rank, step])
-    ddp_model = data_parallel(model, cfg, scheduler.sparse)  # the forward's handle; `model` for everything else
-    clock = CheckpointClock(t.checkpoint_every)
+    return RunState(cfg=cfg, requested=requested, seed=seed, data_dir=data_dir, dev=dev, dtype=dtype, info=info,
+                    data=data, batches=batches, model=model, scheduler=scheduler,
+                    optimizer=make_optimizer(model, cfg), scaler=torch.amp.GradScaler(dev.type,
+                                                                                       enabled=dtype == torch.float16),
+                    mixer=make_mixer(cfg, seed + info.rank))
 
-    def state(best: float) -> dict:  # what a resumed run restores, as of the step just finished
-        return _checkpoint(cfg, data, data_dir, model, optimizer, scheduler, batches, scaler, mixer, step, best,
-                           timing, requested, seed)
 
-    removed = paths.remove() if overwrite and info.is_main else []  # nothing above refused the run
-
-    with RunLog(paths, info.is_main, progress, step, t.train_steps, cfg.task) as run, STOP.deferred():
-        if removed:
-            run.say(f"--overwrite: removed the earlier run {paths.name!r} ({', '.join(p.name for p in removed)})")
-        run.say(_describe(cfg, model, data, dev, info, len(batches)))
-        run.say(f"data: {data_dir}; logs: {paths.log_dir}; checkpoints: {paths.ckpt_dir}")
-        if resume:
-            run.say(f"resumed from step {step} (phase {'sparse' if scheduler.sparse else 'dense'}) of {paths.last}")
-        run.monitor_charts(cfg.model.num_layers)
-        run.say(describe_batch(cfg, info.world))
-        model.train()
-        while step < t.train_steps:
-            batch = next(batches).to(dev)
-            inputs, target = _mix(mixer, batch)
-            collect = scheduler.wants_stats(step)
-            lr = set_lr(optimizer, lr_at(step, cfg) * scheduler.lr_scale)
-            t0 = time.perf_counter()
-            logits, loss = _forward(ddp_model, model, inputs, target, collect, cfg, dtype, mixer is not None)
-            finite, signum = distributed.finite_and_stop(bool(torch.isfinite(loss.total)), STOP.signum, dev)
-            if not finite:
-                raise TrainingError(f"non-finite loss at step {step + 1}; {run.kept()}. Lower the learning rate "
-                                    f"or use --amp off")
-            ce, pattern = loss.values()  # read here, where the finiteness check has waited for the forward anyway
-            if info.enabled:  # the loss of the whole global batch, as a one-rank run logs it (not rank 0's slice)
-                ce = float(distributed.all_reduce_mean([loss.ce.detach().float()])[0])
-            _backward(loss.total, model, optimizer, scaler, t.clip_value)
-            if loss.maps:  # every rank feeds the monitor the same rank-averaged maps, so all decide alike
-                scheduler.observe(step, distributed.all_reduce_mean(loss.maps))
-            phase = "sparse" if scheduler.sparse else "dense"
-            step += 1
-            _clock(timing, phase, t0, dev, step)
-            events = scheduler.after_step(step, model)
-            if events:
-                optimizer = _after_transitions(events, model, cfg, optimizer, run, info)
-                ddp_model = data_parallel(model, cfg, scheduler.sparse)
-            run.step(step, ce, phase)
-            if step % 10 == 0 or step == 1 or events:
-                run.scalars(step, _train_scalars(ce, logits, batch.y, lr, scheduler, timing, phase, dev))
-                run.show(loss=f"{ce:.3f}", phase=phase)
-            if loss.maps:
-                run.scalars(step, _monitor_scalars(scheduler.monitor.history[-1], pattern, cfg.sparsity))
-            if step % t.eval_frequency == 0 or step == t.train_steps:
-                best_acc = _evaluate_and_save(model, data, cfg, dev, dtype, info, step, run, scheduler, best_acc,
-                                              state, clock)
-            if not info.enabled:  # one process: the signal as of this step's end (no other rank to agree with)
-                signum = STOP.signum
-            if _save_or_stop(step, signum, stop_at and stop_at <= step < t.train_steps, clock, model, run, info,
-                             partial(state, best_acc)):
-                return None
-
-        # finish: rank 0 alone evaluates the best checkpoint (no collectives from here on). The last step's
-        # checkpoint is on disk, so a signal from here on stops at once; --resume repeats only this part.
-        try:
-            STOP.immediate()
-            run.bar.close()  # the final bar stays above the closing lines
-            if getattr(batches, "substituted", 0):
-                run.say(f"{batches.substituted} unreadable training image(s) were replaced by the next readable one")
-            if not info.is_main:
-                return None
-            return _summarize(cfg, paths, data, dev, dtype, backend, info, scheduler, step, timing, run)
-        except Interrupted as e:
-            if not e.said:
-                run.say(f"interrupted at step {step}; checkpoint saved; continue with --resume")
-                e.said = True
-            raise
+def _train_step(s: RunState, run: RunLog) -> int:
+    """One optimizer step: forward (with the monitor's statistics when it wants them), backward, the monitor,
+    the transitions due, the step's logging. Returns the stop signal all ranks agreed on (0: none)."""
+    cfg = s.cfg
+    batch = next(s.batches).to(s.dev)
+    inputs, target = _mix(s.mixer, batch)
+    collect = s.scheduler.wants_stats(s.step)
+    lr = set_lr(s.optimizer, lr_at(s.step, cfg) * s.scheduler.lr_scale)
+    t0 = time.perf_counter()
+    logits, loss = _forward(s.forward_model, s.model, inputs, target, collect, cfg, s.dtype, s.mixer is not None)
+    finite, signum = distributed.finite_and_stop(bool(torch.isfinite(loss.total)), STOP.signum, s.dev)
+    if not finite:
+        raise TrainingError(f"non-finite loss at step {s.step + 1}; {run.kept()}. Lower the learning rate "
+                            f"or use --amp off")
+    ce, pattern = loss.values()  # read here, where the finiteness check has waited for the forward anyway
+    if s.info.enabled:  # the loss of the whole global batch, as a one-rank run logs it (not rank 0's slice)
+        ce = float(distributed.all_reduce_mean([loss.ce.detach().float()])[0])
+    _backward(loss.total, s.model, s.optimizer, s.scaler, cfg.training.clip_value)
+    if loss.maps:  # every rank feeds the monitor the same rank-averaged maps, so all decide alike
+        s.scheduler.observe(s.step, distributed.all_reduce_mean(loss.maps))
+    phase = "sparse" if s.scheduler.sparse else "dense"
+    s.step += 1
+    _clock(s.timing, phase, t0, s.dev, s.step)
+    events = s.scheduler.after_step(s.step, s.model)
+    if events:
+        s.optimizer = _after_transitions(events, s.model, cfg, s.optimizer, run, s.info)
+        s.forward_model = data_parallel(s.model, cfg, s.scheduler.sparse)
+    run.step(s.step, ce, phase)
+    if s.step % 10 == 0 or s.step == 1 or events:
+        run.scalars(s.step, _train_scalars(ce, logits, batch.y, lr, s.scheduler, s.timing, phase, s.dev))
+        run.show(loss=f"{ce:.3f}", phase=phase)
+    if loss.maps:
+        run.scalars(s.step, _monitor_scalars(s.scheduler.monitor.history[-1], pattern, cfg.sparsity))
+    return signum
 
 
 # ---------------------------------------------------------------------------------------------- the loop's steps
@@ -278,52 +287,66 @@ def _monitor_scalars(rec: MonitorRecord, pattern: float | None, s) -> dict[str, 
     return out
 
 
-def _validate(model: nn.Module, data: TaskData, cfg: TaskConfig, dev: torch.device, dtype: torch.dtype | None,
-              info: distributed.DistInfo, step: int, run: RunLog) -> dict:
-    """Dev-set evaluation (rank-sharded under torchrun), logged; a diverged model ends the run before it could
-    be checkpointed."""
-    res = evaluate(model, data.eval_batches("dev", info.rank, info.world), dev, dtype,
-                   cfg.training.num_eval_batches, across_ranks=info.enabled)
-    run.scalars(step, {"val/loss": res["loss"], "val/accuracy": res["accuracy"], "val/top5": res["top5"]})
-    if not (math.isfinite(res["loss"]) and _finite(model)):  # never checkpoint a diverged model
-        raise TrainingError(f"the model diverged by step {step} (non-finite dev loss or weights); "
+def _evaluate_dev(s: RunState, run: RunLog) -> bool:
+    """An evaluation step: dev accuracy (rank-sharded under torchrun) logged with the phase it ran in; the best
+    so far is updated. Returns whether it improved. A diverged model ends the run before it could be
+    checkpointed."""
+    res = evaluate(s.model, s.data.eval_batches("dev", s.info.rank, s.info.world), s.dev, s.dtype,
+                   s.cfg.training.num_eval_batches, across_ranks=s.info.enabled)
+    run.scalars(s.step, {"val/loss": res["loss"], "val/accuracy": res["accuracy"], "val/top5": res["top5"]})
+    if not (math.isfinite(res["loss"]) and _finite(s.model)):  # never checkpoint a diverged model
+        raise TrainingError(f"the model diverged by step {s.step} (non-finite dev loss or weights); "
                             f"{run.kept()}. Lower the learning rate or use --amp off")
-    return res
+    improved, s.best_acc = res["accuracy"] > s.best_acc, max(s.best_acc, res["accuracy"])
+    top5 = f" top-5 {res['top5']:.4f}" if s.cfg.dataset.num_classes > 5 else ""
+    run.say(f"step {s.step}: dev accuracy {res['accuracy']:.4f}{top5} loss {res['loss']:.4f} "
+            f"({_eval_phase(s.scheduler)})" + (" *best*" if improved else ""))
+    return improved
 
 
-def _evaluate_and_save(model, data, cfg, dev, dtype, info, step, run, scheduler, best_acc, state, clock) -> float:
-    """An evaluation step: dev accuracy logged with the phase it ran in, then a checkpoint (the best one too
-    when it improved). Returns the best dev accuracy so far."""
-    res = _validate(model, data, cfg, dev, dtype, info, step, run)
-    improved, best_acc = res["accuracy"] > best_acc, max(best_acc, res["accuracy"])
-    top5 = f" top-5 {res['top5']:.4f}" if cfg.dataset.num_classes > 5 else ""
-    run.say(f"step {step}: dev accuracy {res['accuracy']:.4f}{top5} loss {res['loss']:.4f} "
-            f"({_eval_phase(scheduler)})" + (" *best*" if improved else ""))
-    if info.is_main:
-        run.save_checkpoint(state(best_acc), improved)
-    clock.saved(step)
-    return best_acc
+class Checkpointer:
+    """The one owner of "when to save": a checkpoint at every evaluation (the best one too when dev accuracy
+    improved), and between evaluations when training.checkpoint_every says one is due (every `steps` steps, or
+    once `seconds` of wall time have passed since the last checkpoint) or the run stops at this step. What a
+    checkpoint holds is sat/run_state.py's; rank 0 writes it (RunLog.save_checkpoint)."""
 
+    def __init__(self, every: int | str, clock=time.monotonic) -> None:
+        self.steps, self.seconds = checkpoint_interval(every)
+        self.clock, self.since, self.saved_at = clock, clock(), -1
 
-def _save_or_stop(step, signum, stop_at_here, clock, model, run, info, state) -> bool:
-    """After every step: a checkpoint when training.checkpoint_every says one is due or the run stops here (and
-    the evaluation did not just write one); then a signal raises Interrupted, and `--stop_at` returns True."""
-    stop = bool(signum or stop_at_here)
-    if clock.saved_at != step and (stop or clock.due(step)):
-        if info.is_main:
-            if not _finite(model):  # never checkpoint a diverged model
-                raise TrainingError(f"the model diverged by step {step} (non-finite weights); "
-                                    f"{run.kept()}. Lower the learning rate or use --amp off")
-            run.save_checkpoint(state(), improved=False)
-        clock.saved(step)
-    if signum:
-        run.say(f"interrupted at step {step}; checkpoint saved; continue with --resume")
-        if info.enabled:  # each rank says where it stopped, as for transitions
-            print(f"rank {info.rank}/{info.world}: interrupted at step {step}", file=sys.stderr, flush=True)
-        raise Interrupted(signum, said=True)
-    if stop:
-        run.say(f"stopped at step {step} (--stop_at); checkpoint saved; continue with --resume")
-    return stop
+    def due(self, step: int) -> bool:
+        if self.steps:
+            return step % self.steps == 0
+        return self.seconds > 0 and self.clock() - self.since >= self.seconds
+
+    def saved(self, step: int) -> None:
+        self.since, self.saved_at = self.clock(), step
+
+    def at_evaluation(self, s: RunState, run: RunLog, improved: bool) -> None:
+        if s.info.is_main:
+            run.save_checkpoint(snapshot(s), improved)
+        self.saved(s.step)
+
+    def after_step(self, s: RunState, run: RunLog, signum: int, stop_at_here: bool) -> bool:
+        """After every step: a checkpoint when one is due or the run stops here (and the evaluation did not
+        just write one); then a signal raises Interrupted, and `--stop_at` returns True."""
+        stop = bool(signum or stop_at_here)
+        if self.saved_at != s.step and (stop or self.due(s.step)):
+            if s.info.is_main:
+                if not _finite(s.model):  # never checkpoint a diverged model
+                    raise TrainingError(f"the model diverged by step {s.step} (non-finite weights); "
+                                        f"{run.kept()}. Lower the learning rate or use --amp off")
+                run.save_checkpoint(snapshot(s), improved=False)
+            self.saved(s.step)
+        if signum:
+            run.say(f"interrupted at step {s.step}; checkpoint saved; continue with --resume")
+            if s.info.enabled:  # each rank says where it stopped, as for transitions
+                print(f"rank {s.info.rank}/{s.info.world}: interrupted at step {s.step}", file=sys.stderr,
+                      flush=True)
+            raise Interrupted(signum, said=True)
+        if stop:
+            run.say(f"stopped at step {s.step} (--stop_at); checkpoint saved; continue with --resume")
+        return stop
 
 
 def _finite(model: nn.Module) -> bool:
@@ -354,95 +377,48 @@ def _eval_phase(scheduler: TransitionScheduler) -> str:
     return "dense"
 
 
-def _describe(cfg: TaskConfig, model: nn.Module, data: TaskData, dev: torch.device, info: distributed.DistInfo,
-              per_epoch: int) -> str:
-    t, s = cfg.training, data.splits
-    return (f"task {cfg.task} on {data.name}: {count_parameters(model)} parameters, {len(s['train'])} train / "
-            f"{len(s['dev'])} dev / {len(s['test'])} test examples, N={cfg.dataset.max_seq_len}, "
-            f"sk={cfg.sparsity.sk} ds={cfg.sparsity.ds} density={cfg.sparsity.density}, device {dev}, "
-            f"{t.train_steps} steps ({per_epoch} per epoch) on {info.world} rank(s)")
+def _describe(s: RunState) -> str:
+    cfg, t, splits = s.cfg, s.cfg.training, s.data.splits
+    return (f"task {cfg.task} on {s.data.name}: {count_parameters(s.model)} parameters, {len(splits['train'])} "
+            f"train / {len(splits['dev'])} dev / {len(splits['test'])} test examples, N={cfg.dataset.max_seq_len}, "
+            f"sk={cfg.sparsity.sk} ds={cfg.sparsity.ds} density={cfg.sparsity.density}, device {s.dev}, "
+            f"{t.train_steps} steps ({len(s.batches)} per epoch) on {s.info.world} rank(s)")
 
 
-class CheckpointClock:
-    """When a checkpoint is due between evaluations (training.checkpoint_every): every `steps` steps, or once
-    `seconds` of wall time have passed since the last checkpoint, whichever the key gives."""
-
-    def __init__(self, every: int | str, clock=time.monotonic) -> None:
-        self.steps, self.seconds = checkpoint_interval(every)
-        self.clock, self.since, self.saved_at = clock, clock(), -1
-
-    def due(self, step: int) -> bool:
-        if self.steps:
-            return step % self.steps == 0
-        return self.seconds > 0 and self.clock() - self.since >= self.seconds
-
-    def saved(self, step: int) -> None:
-        self.since, self.saved_at = self.clock(), step
-
-
-def _checkpoint(cfg, data, data_dir, model, optimizer, scheduler, batches, scaler, mixer, step, best_acc,
-                timing, requested, seed) -> dict:
-    """Everything a resumed run restores (sat/checkpoint.py checks these keys on load). "run" is what --resume
-    needs besides: the configuration as requested (before the data filled in class counts and epoch-derived
-    steps), so that no flag has to be repeated, and the seed."""
-    return {
-        "task": cfg.task, "config": cfg.to_dict(), "step": step, "best_dev_accuracy": best_acc,
-        "run": {"config": requested, "seed": seed},
-        "vocab_size": data.vocab_size, "data_dir": str(Path(data_dir).resolve()), "timing": dict(timing),
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "train_loader": batches.state_dict(),
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "scaler": scaler.state_dict(), "mixup": mixer.state_dict() if mixer is not None else None,
-    }
-
-
-def _resume(paths, cfg, model, scheduler, loader, scaler, dev, mixer=None):
-    """Restore the last checkpoint into the run's objects: (step, best dev accuracy, model, optimizer, timing)."""
-    state = load_checkpoint(paths.last, map_location="cpu")
-    if state["task"] != cfg.task:
-        raise CheckpointError(f"checkpoint {paths.last} holds task {state['task']}, not {cfg.task}; check --task")
-    differ = config_differences(state["config"], cfg.to_dict(), "now")
+def _resume(s: RunState, paths: RunPaths, ckpt: dict) -> None:
+    """Restore a loaded checkpoint (the run's last) into the run's objects (sat/run_state.py says what it holds)."""
+    if ckpt["task"] != s.cfg.task:
+        raise CheckpointError(f"checkpoint {paths.last} holds task {ckpt['task']}, not {s.cfg.task}; check --task")
+    now = {section: values for section, values in s.cfg.to_dict().items() if section in SECTIONS}
+    differ = config_conflicts(ckpt["config"], now, may_change_on_resume, "now")
     if differ:  # main_train.py restores the run's config, so this is data that resolves differently now
-        raise CheckpointError(f"checkpoint {paths.last} was written with another configuration ({differ}); "
+        raise CheckpointError(f"checkpoint {paths.last} was written with another configuration ({'; '.join(differ)}); "
                               f"resume with the data and settings it was trained with, or start a new --name")
     try:  # the config matches, so anything that does not fit is damage inside the file
-        scheduler.load_state_dict(state["scheduler"], dev)
-        load_weights(model, state)
-        model.to(dev)
-        optimizer = make_optimizer(model, cfg)
-        optimizer.load_state_dict(state["optimizer"])
-        loader.load_state_dict(state["train_loader"])
-        if scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        if mixer is not None and state.get("mixup"):
-            mixer.load_state_dict(state["mixup"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        restore(s, ckpt)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         first = str(e).splitlines()[0][:120] if str(e) else ""
         raise CheckpointError(f"checkpoint {paths.last} is damaged ({type(e).__name__}: {first}); delete it and "
                               f"start again, or restore a copy") from e
-    return state["step"], state["best_dev_accuracy"], model, optimizer, dict(state["timing"])
 
 
-def _summarize(cfg, paths, data, dev, dtype, backend, info, scheduler, step, timing, run) -> dict:
+def _summarize(s: RunState, paths: RunPaths, backend: str, run: RunLog) -> dict:
     """The best dev checkpoint evaluated on test and dev, written to summary.json and returned."""
+    cfg, scheduler, dev = s.cfg, s.scheduler, s.dev
     best = load_checkpoint(paths.best, map_location=dev)
     eval_model = model_from_checkpoint(best, dev, backend)
-    test = evaluate(eval_model, data.eval_batches("test"), dev, dtype)
-    dev_res = evaluate(eval_model, data.eval_batches("dev"), dev, dtype)
-    majority = majority_rate(data.labels("test"))
+    test = evaluate(eval_model, s.data.eval_batches("test"), dev, s.dtype)
+    dev_res = evaluate(eval_model, s.data.eval_batches("dev"), dev, s.dtype)
+    majority = majority_rate(s.data.labels("test"))
     summary = {
-        "task": cfg.task, "dataset": data.name, "name": paths.name, "steps": step, "best_step": best["step"],
+        "task": cfg.task, "dataset": s.data.name, "name": paths.name, "steps": s.step, "best_step": best["step"],
         "transition_step": scheduler.transition_step, "transition_reason": scheduler.transition_reason,
         "densify_step": scheduler.densify_step,
         "dev_accuracy": dev_res["accuracy"], "test_accuracy": test["accuracy"], "test_majority_rate": majority,
         "dev_top5": dev_res["top5"], "test_top5": test["top5"],
-        "world_size": info.world, "global_batch_size": rank_batch(cfg, info.world) * info.world,
-        "rank_batch_size": rank_batch(cfg, info.world),
-        "dense_steps_per_sec": _rate(timing, "dense"), "sparse_steps_per_sec": _rate(timing, "sparse"),
+        "world_size": s.info.world, "global_batch_size": rank_batch(cfg, s.info.world) * s.info.world,
+        "rank_batch_size": rank_batch(cfg, s.info.world),
+        "dense_steps_per_sec": _rate(s.timing, "dense"), "sparse_steps_per_sec": _rate(s.timing, "sparse"),
         "peak_memory_mb": peak_memory_mb(dev), "density": cfg.sparsity.density,
         "density_used": scheduler.density_used, "added_diagonal_blocks": scheduler.added_diagonal,
         "pattern": cfg.sparsity.pattern, "keep_diagonal": cfg.sparsity.keep_diagonal,

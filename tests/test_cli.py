@@ -116,16 +116,24 @@ def test_the_flags_checked_against_a_checkpoint():
     """Only what changes an evaluation is compared (model, data as read, precision); a preset's values count as
     set; training-only values (steps, thresholds, density, learning rate) are not compared."""
     from main_train import build_parser
-    from sat.cli import evaluation_flags
+    from sat.cli import command_line_config
+    from sat.config import load_config
+    from sat.evaluate import changes_evaluation
+    from sat.runs import config_conflicts
 
     a = build_parser().parse_args(["--task", "lra-listops", "--preset", "quick", "--train_steps", "9", "--sk", "3",
                                    "--density", "0.5", "--set=model.dim=32", "--amp", "off", "--block_size", "16"])
-    assert evaluation_flags(a) == {"dataset.max_seq_len": 256, "model.num_layers": 2, "model.dim": 32,
-                                   "sparsity.block_size": 16, "training.amp": "off"}
-    assert evaluation_flags(build_parser().parse_args(["--task", "csv-text"])) == {}
+    given = command_line_config(a)
+    saved = load_config("lra-listops").to_dict()  # the full task, not the quick preset: every compared key differs
+    saved["model"]["dim"], saved["training"]["amp"], saved["sparsity"]["block_size"] = 64, "bf16", 64
+    conflicts = config_conflicts(saved, given, changes_evaluation, "on the command line")
+    assert [c.split(" is ")[0] for c in conflicts] == ["dataset.max_seq_len", "model.num_layers", "model.dim",
+                                                       "training.amp", "sparsity.block_size"]
+    assert "dataset.max_seq_len is 2048 in the checkpoint, 256 on the command line" in conflicts
+    assert not any(command_line_config(build_parser().parse_args(["--task", "csv-text"])).values())
     bad = build_parser().parse_args(["--task", "lra-listops", "--set=model.dim=-1"])
     with pytest.raises(ConfigError, match="model sizes"):  # validated as a training run would be
-        evaluation_flags(bad)
+        command_line_config(bad)
 
 
 SMALL = ["--task", "lra-listops", "--random", "6", "--name", "cl", "--no_progress", "--backend", "torch",
@@ -185,5 +193,5 @@ def test_main_inference_refuses_a_flag_that_contradicts_the_checkpoint(trained, 
     with pytest.raises(SystemExit) as e:
         _evaluate(capsys, [*argv, *flag])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {key}: the command line sets ")
-    assert "the run was trained with" in err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {key} is ")
+    assert "on the command line: evaluation uses the configuration the run was trained with" in err

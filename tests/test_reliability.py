@@ -178,6 +178,7 @@ import sys, torch
 from sat.checkpoint import save_checkpoint
 path = sys.argv[1]
 state = {"weights": torch.randn(3_000_000), "i": 0}
+state["weights"][0] = 0  # the first save holds i = 0 too (a kill before the second save loads this one)
 save_checkpoint(path, state)
 print("ready", flush=True)
 while True:

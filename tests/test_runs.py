@@ -17,7 +17,7 @@ from sat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sat.config import ConfigError, checkpoint_interval, load_config
 from sat.runlog import RunLog, RunPaths
 from sat.runs import check_run_name, resumed_config
-from sat.train import CheckpointClock
+from sat.train import Checkpointer
 from tests.conftest import ROOT, small_listops
 from tests.fixtures import TASK, write_lra_data
 
@@ -178,13 +178,13 @@ def _saved(tmp_path: Path, run: bool = True) -> RunPaths:
 
 def test_resumed_config_takes_the_checkpoint_and_checks_flags(tmp_path):
     paths = _saved(tmp_path)
-    cfg, data_dir = resumed_config(paths, TASK, None, {})
+    cfg, data_dir, state = resumed_config(paths, TASK, None, {})
     assert cfg.model.dim == 16 and cfg.training.train_steps == 10 and data_dir == Path("/somewhere/data")
     # values that agree, written differently (an int for a float), are no contradiction
     lr = cfg.training.learning_rate
-    same, _ = resumed_config(paths, TASK, None, {"model": {"dim": 16}, "training": {"learning_rate": lr}})
+    same, _, _ = resumed_config(paths, TASK, None, {"model": {"dim": 16}, "training": {"learning_rate": lr}})
     assert same == cfg
-    changed, _ = resumed_config(paths, TASK, None, {"training": {"checkpoint_every": "1min"}})
+    changed, _, _ = resumed_config(paths, TASK, None, {"training": {"checkpoint_every": "1min"}})
     assert changed.training.checkpoint_every == "1min"
     with pytest.raises(ConfigError) as e:
         resumed_config(paths, TASK, None, {"model": {"dim": 32}, "training": {"train_steps": 700, "epochs": 0}})
@@ -199,7 +199,7 @@ def test_resumed_config_takes_the_checkpoint_and_checks_flags(tmp_path):
 
 
 def test_resumed_config_of_a_checkpoint_without_the_run_record(tmp_path):
-    cfg, _ = resumed_config(_saved(tmp_path, run=False), TASK, None, {})
+    cfg, _, _ = resumed_config(_saved(tmp_path, run=False), TASK, None, {})
     assert cfg.dataset.num_classes == 10 and cfg.model.dim == 16  # the resolved config, as saved
 
 
@@ -214,7 +214,7 @@ def test_checkpoint_interval_and_clock():
     with pytest.raises(ConfigError, match="checkpoint_every"):
         load_config(TASK, overrides={"training": {"checkpoint_every": "often"}})
     now = [100.0]
-    clock = CheckpointClock("2min", clock=lambda: now[0])
+    clock = Checkpointer("2min", clock=lambda: now[0])
     assert not clock.due(1)
     now[0] += 119
     assert not clock.due(2)
@@ -222,9 +222,9 @@ def test_checkpoint_interval_and_clock():
     assert clock.due(3)
     clock.saved(3)
     assert not clock.due(4) and clock.saved_at == 3
-    steps = CheckpointClock(5)
+    steps = Checkpointer(5)
     assert [s for s in range(1, 16) if steps.due(s)] == [5, 10, 15]
-    assert not any(CheckpointClock(0).due(s) for s in range(1, 100))
+    assert not any(Checkpointer(0).due(s) for s in range(1, 100))
 
 
 @pytest.fixture

@@ -76,7 +76,7 @@ class ImageTrainStream:
             images, labels, substituted = next(self._it)
         self.pos += 1
         self.substituted += int(substituted.sum())
-        return Batch(x=images, mask=None, y=labels)  # x: (B, 3, H, W) float32
+        return Batch(x=images, mask=None, y=labels)  # x: (B, C, H, W) float32
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -102,10 +102,12 @@ class _Batches:
 
 def eval_batches(dataset: ImageFolderDataset, batch_size: int, img_size: int, crop_pct: float,
                  num_workers: int, rank: int = 0, world: int = 1) -> _Batches:
-    """One deterministic pass with the evaluation transform; with world > 1, every world-th image."""
+    """One deterministic pass with the evaluation transform (normalised as the dataset's own transform: one mean
+    and std per channel of its images); with world > 1, every world-th image."""
     if not isinstance(dataset.transform, EvalTransform):
-        dataset = copy.copy(dataset)  # shares the file list; only the transform differs
-        dataset.transform = eval_transform(img_size, crop_pct=crop_pct)
+        stats = {k: getattr(dataset.transform, k) for k in ("mean", "std") if hasattr(dataset.transform, k)}
+        dataset = copy.copy(dataset)  # shares the file list (or the images); only the transform differs
+        dataset.transform = eval_transform(img_size, crop_pct=crop_pct, **stats)
     part = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
     return _Batches(build_loader(part, batch_size, shuffle=False, num_workers=num_workers, seed=0,
                                  drop_last=False, persistent_workers=False))

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from sat.data.format import DataError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # compared case-insensitively
+CHANNELS = 3  # every folder image is decoded as RGB (load_rgb)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
@@ -190,11 +191,18 @@ class ImageFolderDataset(Dataset):
 def to_normalized_tensor(
     img: Image.Image, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> torch.Tensor:
-    """RGB PIL image -> float32 tensor (3, H, W): ``(pixel / 255 - mean) / std``."""
-    arr = np.array(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)  # (H, W, 3), a copy
-    x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    """RGB or grayscale ("L") PIL image -> float32 tensor (C, H, W), C = 3 or 1: ``(pixel / 255 - mean) / std``
+    with one mean and std per channel. Grayscale stays one channel (Fashion-MNIST, sat/data/idx_images.py);
+    other modes are converted to RGB."""
+    arr = np.array(img if img.mode in ("RGB", "L") else img.convert("RGB"), dtype=np.uint8)  # (H, W[, 3]), a copy
+    arr = arr.reshape(arr.shape[0], arr.shape[1], -1)                                         # (H, W, C)
+    c = arr.shape[2]
+    if len(mean) != c or len(std) != c:
+        raise ValueError(f"the {img.mode} image has {c} channel(s) but the normalisation gives {len(mean)} mean(s) "
+                         f"and {len(std)} std(s); give one of each per channel")
+    x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)                            # (C, H, W)
+    m = torch.tensor(mean, dtype=torch.float32).view(c, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(c, 1, 1)
     return x.sub_(m).div_(s).contiguous()
 
 
@@ -228,7 +236,8 @@ def random_resized_crop_box(
 
 
 class TrainTransform:
-    """Random resized crop -> random horizontal flip -> normalised float tensor (3, size, size).
+    """Random resized crop -> random horizontal flip -> normalised float tensor (C, size, size): C = 3 for RGB,
+    1 for grayscale ("L") images, with ``mean`` / ``std`` giving one value per channel.
 
     Draws from ``self.rng`` (a ``random.Random``); `reseed` resets it. Picklable (works with workers).
     """
@@ -270,7 +279,8 @@ class TrainTransform:
 
 class EvalTransform:
     """Resize the shorter side to ``floor(img_size / crop_pct)`` (aspect kept), centre-crop ``img_size``
-    (offset ``(extra) // 2``), normalised float tensor (3, img_size, img_size). Deterministic."""
+    (offset ``(extra) // 2``), normalised float tensor (C, img_size, img_size) as `TrainTransform`'s.
+    Deterministic."""
 
     def __init__(
         self,

@@ -26,7 +26,12 @@ from sat.data.lra import LRALoader, check_split
 def default_data_dir(cfg: TaskConfig, root: str | Path = ".") -> Path:
     """data/{task} under `root`; generated data (a preset's ListOps) in data/{task}-generated-{N}, so that
     presets of different lengths keep their own sets; data prepared from a release (dataset.source) in
-    data/{task}-{source}."""
+    data/{task}-{source}. The ViT tasks read a release (dataset.source) where it is installed, the Debian
+    package's folder (a DataError saying how to install it when it is not)."""
+    if cfg.dataset.kind == "image_folder" and cfg.dataset.source:
+        from sat.data.idx_images import installed_folder
+
+        return installed_folder()
     suffix = f"-generated-{cfg.dataset.max_seq_len}" if cfg.dataset.generate else ""
     suffix = f"-{cfg.dataset.source}" if cfg.dataset.source else suffix
     return Path(root) / "data" / f"{cfg.task}{suffix}"
@@ -35,7 +40,10 @@ def default_data_dir(cfg: TaskConfig, root: str | Path = ".") -> Path:
 def prepare_data(cfg: TaskConfig, data_dir: Path) -> None:
     """Make the data a config asks for when the folder does not hold it yet: ListOps generated and preprocessed
     (again whenever the folder's data was made from other settings or in an older token convention), or
-    Fashion-MNIST prepared from the installed release (dataset.source)."""
+    Fashion-MNIST prepared from the installed release (dataset.source; the ViT tasks read the release itself,
+    sat/data/idx_images.py: nothing to prepare)."""
+    if cfg.dataset.kind == "image_folder":
+        return
     if cfg.dataset.source:
         if not (data_dir / f"{cfg.task}.meta.json").is_file():
             from sat.data.prepare.fashion_mnist import preprocess_fashion_mnist
@@ -151,7 +159,20 @@ def load_task_data(cfg: TaskConfig, data_dir: Path, need_train: bool = True) -> 
         raise DataError(f"data directory {data_dir} does not exist; preprocess the data (docs/data.md) or pass "
                         f"--data_dir")
     if cfg.dataset.kind == "image_folder":
-        return TaskData(cfg, _image_folder_splits(cfg, data_dir, need_train), 0, name=f"image folders in {data_dir}")
+        if cfg.dataset.source:  # Fashion-MNIST's IDX release, read into memory
+            from sat.data.idx_images import NAME, fashion_mnist_splits
+
+            d = cfg.dataset
+            splits, name = fashion_mnist_splits(data_dir, d.img_size, d.crop_pct, need_train), NAME
+            if d.num_classes and d.num_classes != len(splits["dev"].classes):
+                raise DataError(f"Fashion-MNIST has {len(splits['dev'].classes)} classes but task {cfg.task} "
+                                f"expects {d.num_classes}; pass --set dataset.num_classes=0 (from the data)")
+        else:
+            splits, name = _image_folder_splits(cfg, data_dir, need_train), f"image folders in {data_dir}"
+        if cfg.dataset.channels and cfg.dataset.channels != image_channels(cfg):
+            raise DataError(f"{name}: {image_channels(cfg)}-channel images, but task {cfg.task} expects "
+                            f"{cfg.dataset.channels} (dataset.channels); pass --set dataset.channels=0 (from the data)")
+        return TaskData(cfg, splits, 0, name=name)
     meta = load_meta(data_dir, cfg.task)
     if cfg.task == listops.TASK:
         listops.check_processed_meta(meta, data_dir)
@@ -186,6 +207,14 @@ def dataset_name(meta: dict, data_dir: Path) -> str:
     if meta.get("generate"):
         return "listops (generated)"
     return f"processed data in {data_dir}"
+
+
+def image_channels(cfg: TaskConfig) -> int:
+    """Channels of the images an image task reads: 1 for Fashion-MNIST's grayscale release, 3 for image folders
+    (every file is decoded as RGB)."""
+    from sat.data import idx_images, imagenet
+
+    return idx_images.CHANNELS if cfg.dataset.source else imagenet.CHANNELS
 
 
 def _image_folder_splits(cfg: TaskConfig, data_dir: Path, need_train: bool) -> dict:
@@ -236,12 +265,15 @@ class _RankSlices:
 
 
 def resolve_for_data(cfg: TaskConfig, num_classes: int, batches_per_epoch: int) -> TaskConfig:
-    """Fill in what the config leaves to the data: num_classes 0 (count of class folders) and epochs /
+    """Fill in what the config leaves to the data: num_classes 0 (count of class folders), an image task's
+    channels 0 (`image_channels`, so that a checkpoint's config builds the model for its data) and epochs /
     warmup_epochs -> train_steps / warmup_steps (batches per epoch of one rank). Deterministic, so a resumed
     run resolves to the same config it saved."""
     d, t = cfg.dataset, cfg.training
     if d.num_classes == 0:
         d = dataclasses.replace(d, num_classes=num_classes)
+    if d.kind == "image_folder" and d.channels == 0:
+        d = dataclasses.replace(d, channels=image_channels(cfg))
     if t.epochs > 0:
         t = dataclasses.replace(t, train_steps=max(1, round(t.epochs * batches_per_epoch)))
     if t.warmup_epochs > 0:

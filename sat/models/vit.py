@@ -1,10 +1,10 @@
 """Vision Transformer (ViT-Ti/16, ViT-S/16) built from the same attention and encoder blocks as the LRA model.
 
-Image (B, 3, H, W) -> non-overlapping patches (a Conv2d of kernel = stride = patch) -> (B, P, C); a class
-token in front and learned positions give T = 1 + P real tokens, zero-padded up to N = dataset.max_seq_len (a
-multiple of the attention block size, docs/block-sparse.md) with the pad tokens masked as keys. Pre-LN blocks
-(dense or Monarch MLPs), final LayerNorm, a linear head on the class token ("cls") or on the mean of the real
-tokens ("mean").
+Image (B, channels, H, W) (dataset.channels: 3 for RGB image folders, 1 for Fashion-MNIST) -> non-overlapping
+patches (a Conv2d of kernel = stride = patch) -> (B, P, C); a class token in front and learned positions give
+T = 1 + P real tokens, zero-padded up to N = dataset.max_seq_len (a multiple of the attention block size,
+docs/block-sparse.md) with the pad tokens masked as keys. Pre-LN blocks (dense or Monarch MLPs), final LayerNorm,
+a linear head on the class token ("cls") or on the mean of the real tokens ("mean").
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ class ViT(nn.Module):
         if d.num_classes < 2:
             raise ValueError(f"ViT needs num_classes >= 2 (resolved from the data), got {d.num_classes}")
         self.img_size, self.patch_size, self.pooling = d.img_size, d.patch_size, m.pooling
+        # 0 = not resolved from the data (a config built without data, a checkpoint from before dataset.channels): RGB
+        self.channels = d.channels or 3
         self.num_tokens = image_tokens(d)  # T = 1 + (img / patch)^2
         n = d.max_seq_len                  # N >= T, a multiple of the block size
-        self.patch_embed = nn.Conv2d(3, m.dim, kernel_size=d.patch_size, stride=d.patch_size)
+        self.patch_embed = nn.Conv2d(self.channels, m.dim, kernel_size=d.patch_size, stride=d.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(m.dim))                        # (C,)
         self.pos = nn.Parameter(torch.randn(1, self.num_tokens, m.dim) * 0.02)  # (1, T, C), real tokens only
         self.drop = Dropout(m.dropout)
@@ -51,10 +53,12 @@ class ViT(nn.Module):
         return [b.attn for b in self.blocks]
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) -> padded token embeddings (B, N, C); tokens T..N-1 are zeros."""
-        B, _, H, W = images.shape
+        """images (B, channels, H, W) -> padded token embeddings (B, N, C); tokens T..N-1 are zeros."""
+        B, channels, H, W = images.shape
         if H != self.img_size or W != self.img_size:
             raise ValueError(f"ViT built for {self.img_size}x{self.img_size} images, got {H}x{W}")
+        if channels != self.channels:
+            raise ValueError(f"ViT built for {self.channels}-channel images, got {channels} channel(s)")
         x = self.patch_embed(images).flatten(2).transpose(1, 2)       # (B, P, C)
         cls = self.cls_token.to(x.dtype).expand(B, 1, -1)               # (B, 1, C)
         x = torch.cat([cls, x], dim=1) + self.pos.to(x.dtype)          # (B, T, C)
@@ -62,7 +66,7 @@ class ViT(nn.Module):
         return nn.functional.pad(x, (0, 0, 0, pad))                     # (B, N, C)
 
     def forward(self, batch: Batch, collect: bool = False) -> torch.Tensor:
-        """batch.x: (B, 3, H, W) images -> logits (B, classes)."""
+        """batch.x: (B, channels, H, W) images -> logits (B, classes)."""
         x = self.drop(self.tokens(batch.x))                          # (B, N, C)
         mask = self.token_mask.expand(x.shape[0], -1)                # (B, N)
         for block in self.blocks:

@@ -38,8 +38,9 @@ FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
            "Ankle boot")
-INSTALL_HINT = (f"install it with `apt-get install -y {DEBIAN_PACKAGE}` (as root, after apt-get update) or "
-                f"pass --raw DIR with Zalando's four IDX files")
+INSTALL_HINT = (f"install it with `apt-get install -y {DEBIAN_PACKAGE}` (as root, after apt-get update), or point "
+                f"at a folder holding Zalando's four IDX files (--raw DIR for preprocess.create_fashion_mnist, "
+                f"--data_dir DIR for main_train.py)")
 
 
 def debian_folder() -> Path | None:
@@ -67,13 +68,13 @@ def release_files(raw_dir: str | Path | None = None) -> dict[str, tuple[Path, Pa
     if folder is None:
         raise DataError(f"Fashion-MNIST not found: the {DEBIAN_PACKAGE} package is not installed; {INSTALL_HINT}")
     if not folder.is_dir():
-        raise DataError(f"no folder {folder}; pass --raw DIR holding Zalando's four Fashion-MNIST IDX files")
+        raise DataError(f"no folder {folder}: point at a folder holding Zalando's four Fashion-MNIST IDX files")
 
     def find(stem: str) -> Path:
         for name in (f"{stem}.gz", stem):
             if (folder / name).is_file():
                 return folder / name
-        raise DataError(f"missing {stem}.gz in {folder}; pass --raw DIR holding Zalando's four IDX files")
+        raise DataError(f"missing {stem}.gz in {folder}: point at a folder holding Zalando's four IDX files")
 
     return {split: (find(images), find(labels)) for split, (images, labels) in FILES.items()}
 
