@@ -15,7 +15,8 @@ from sat.checkpoint import CheckpointError, load_checkpoint
 from sat.config import ConfigError, from_dict
 from sat.data.loading import load_task_data
 from sat.device import amp_dtype, peak_memory_mb
-from sat.run_state import model_from_checkpoint
+from sat.models.build import build_model
+from sat.run_state import load_weights
 from sat.runlog import RunPaths
 from sat.runs import config_conflicts
 
@@ -53,6 +54,19 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
     n = max(total, 1)
     return {"accuracy": correct / n, "top5": correct5 / n, "loss": loss_sum / n,
             "latency_ms": 1000 * sum(times) / max(len(times), 1), "examples": total}
+
+
+def model_from_checkpoint(state: dict, device: torch.device, backend: str = "auto") -> nn.Module:
+    """Rebuild the model of a loaded checkpoint (densified if the run had densified) with its weights, on
+    `device`; a checkpoint that does not fit its own config's model raises CheckpointError."""
+    cfg = from_dict(state["config"])
+    model = build_model(cfg, state["vocab_size"], backend)
+    try:
+        load_weights(model, state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint does not match the model of task {cfg.task} "
+                              f"({str(e).splitlines()[0]}); use the checkpoint of this task and config") from e
+    return model.to(device)
 
 
 def majority_rate(labels) -> float:

@@ -4,8 +4,7 @@
 log) and its counters (step, best dev accuracy, time per phase), so that each step of the loop takes what it
 needs from it. `PARTS` declares every entry of a checkpoint once: its key, the type its readers rely on, how it
 is taken from a RunState and how a resumed run puts it back. `snapshot` (saving), `restore` (resuming) and
-sat/checkpoint.py's key check (`REQUIRED`) all follow from it: adding a piece of state is one line here. A
-checkpoint's model for evaluation: `model_from_checkpoint`.
+sat/checkpoint.py's key check (`REQUIRED`) all follow from it: adding a piece of state is one line here.
 """
 
 from __future__ import annotations
@@ -17,9 +16,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-
-from sat.config import from_dict
-from sat.models.build import build_model
 
 
 @dataclass
@@ -124,21 +120,6 @@ def load_weights(model: nn.Module, state: dict) -> None:
 
         densify(model)
     model.load_state_dict(state["model"])
-
-
-def model_from_checkpoint(state: dict, device: torch.device, backend: str = "auto") -> nn.Module:
-    """Rebuild the model of a loaded checkpoint (densified if the run had densified) with its weights, on
-    `device`; a checkpoint that does not fit its own config's model raises CheckpointError."""
-    from sat.checkpoint import CheckpointError  # lazily: sat.checkpoint reads REQUIRED from this module
-
-    cfg = from_dict(state["config"])
-    model = build_model(cfg, state["vocab_size"], backend)
-    try:
-        load_weights(model, state)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint does not match the model of task {cfg.task} "
-                              f"({str(e).splitlines()[0]}); use the checkpoint of this task and config") from e
-    return model.to(device)
 
 
 def snapshot(s: RunState) -> dict:

@@ -37,14 +37,14 @@ from sat.config import SECTIONS, ConfigError, TaskConfig, checkpoint_interval
 from sat.data.batch import Batch
 from sat.data.loading import TaskData, describe_batch, load_task_data, make_mixer, rank_batch, resolve_for_data
 from sat.device import amp_dtype, peak_memory_mb
-from sat.evaluate import evaluate, majority_rate
+from sat.evaluate import evaluate, majority_rate, model_from_checkpoint
 from sat.fileio import atomic_write_text
 from sat.interrupt import STOP, Interrupted
 from sat.kernels import check_backend
 from sat.models.build import build_model
 from sat.models.monarch import count_parameters
 from sat.optim import lr_at, make_optimizer, set_lr
-from sat.run_state import RunState, model_from_checkpoint, restore, snapshot
+from sat.run_state import RunState, restore, snapshot
 from sat.runlog import RunLog, RunPaths
 from sat.runs import config_conflicts, may_change_on_resume
 from sat.sparsity.monitor import MonitorRecord
