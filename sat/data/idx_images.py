@@ -22,10 +22,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sat.data.format import DataError
 from sat.data.imagenet import eval_transform, train_transform
-from sat.data.prepare.fashion_mnist import CLASSES, DEV_FRACTION, NUM_CLASSES, SIDE, release_files
-from sat.data.prepare.idx import read_idx_pair
+from sat.data.prepare.fashion_mnist import CLASSES, read_splits, release_files
 
 NAME = "fashion-mnist"  # the log's and summary.json's "dataset"
 CHANNELS = 1            # grayscale
@@ -62,33 +60,23 @@ class IdxImageDataset(Dataset):
             reseed(seed)
 
 
-def release(data_dir: Path | None = None) -> dict[str, tuple[Path, Path]]:
-    """{"train": (images, labels), "test": (images, labels)} of the release in `data_dir` (the Debian package's
-    folder when None); a missing package, folder or file is a one-line DataError."""
-    return release_files(data_dir)
-
-
 def installed_folder() -> Path:
     """Where Debian's package installed the release (the ViT tasks' default data folder); a DataError saying
     how to install it when it is not installed."""
-    return release()["train"][0].parent
+    return release_files()["train"][0].parent
 
 
 def fashion_mnist_splits(data_dir: Path, img_size: int, crop_pct: float,
                          need_train: bool = True) -> dict[str, IdxImageDataset]:
     """{train, dev, test} as `IdxImageDataset`s with the ViT transforms (train: random resized crop and flip;
-    dev/test: resize to img_size / crop_pct, centre crop), split as the LRA path splits the release. Without
-    `need_train` only {dev, test} (the training file is read all the same: it holds dev)."""
-    files = release(data_dir)
-    x, y = read_idx_pair(*files["train"], side=SIDE, num_classes=NUM_CLASSES)
-    n_dev = len(y) // DEV_FRACTION
-    if n_dev == 0:
-        raise DataError(f"{files['train'][0]} holds {len(y)} images, too few for a dev split of 1/{DEV_FRACTION}")
-    n_train = len(y) - n_dev
+    dev/test: resize to img_size / crop_pct, centre crop), split as the LRA path splits the release
+    (`read_splits`). Without `need_train` only {dev, test} (the training file is read all the same: it holds
+    dev)."""
+    arrays = read_splits(release_files(data_dir))
     evaluation = eval_transform(img_size, crop_pct, mean=MEAN, std=STD)
     splits = {}
     if need_train:
-        splits["train"] = IdxImageDataset(x[:n_train], y[:n_train], train_transform(img_size, mean=MEAN, std=STD))
-    splits["dev"] = IdxImageDataset(x[n_train:], y[n_train:], evaluation)
-    splits["test"] = IdxImageDataset(*read_idx_pair(*files["test"], side=SIDE, num_classes=NUM_CLASSES), evaluation)
+        splits["train"] = IdxImageDataset(*arrays["train"], train_transform(img_size, mean=MEAN, std=STD))
+    splits["dev"] = IdxImageDataset(*arrays["dev"], evaluation)
+    splits["test"] = IdxImageDataset(*arrays["test"], evaluation)
     return splits

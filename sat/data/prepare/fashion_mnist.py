@@ -89,19 +89,25 @@ def _split(x: np.ndarray, y: np.ndarray) -> Split:
     return Split(x=to_lra_ids(x), lengths=np.full(len(y), PADDED * PADDED, dtype=np.int32), y=y)
 
 
+def read_splits(files: dict[str, tuple[Path, Path]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{train, dev, test}: (images (n, 28, 28) uint8, labels (n,) int64) of the release's files, every file
+    checked; dev = the last 1/DEV_FRACTION of the training file, test = t10k. The one statement of the split
+    protocol, shared by the LRA path (below) and the ViT path (sat/data/idx_images.py)."""
+    x, y = read_idx_pair(*files["train"], side=SIDE, num_classes=NUM_CLASSES)
+    test = read_idx_pair(*files["test"], side=SIDE, num_classes=NUM_CLASSES)
+    n_dev = len(y) // DEV_FRACTION
+    if n_dev == 0:
+        raise DataError(f"{files['train'][0]} holds {len(y)} images, too few for a dev split of 1/{DEV_FRACTION}")
+    n_train = len(y) - n_dev
+    return {"train": (x[:n_train], y[:n_train]), "dev": (x[n_train:], y[n_train:]), "test": test}
+
+
 def preprocess_fashion_mnist(out_dir: str | Path, raw_dir: str | Path | None = None, force: bool = False) -> dict:
     """Write ``{out_dir}/lra-image.{train,dev,test}.npz`` and the meta JSON; returns the meta. Every file is read
     and checked before anything is written."""
     check_outputs(out_dir, TASK, force)
     files = release_files(raw_dir)
-    arrays = {split: read_idx_pair(*pair, side=SIDE, num_classes=NUM_CLASSES) for split, pair in files.items()}
-    x, y = arrays["train"]
-    n_dev = len(y) // DEV_FRACTION
-    if n_dev == 0:
-        raise DataError(f"{files['train'][0]} holds {len(y)} images, too few for a dev split of 1/{DEV_FRACTION}")
-    n_train = len(y) - n_dev
-    splits = {"train": _split(x[:n_train], y[:n_train]), "dev": _split(x[n_train:], y[n_train:]),
-              "test": _split(*arrays["test"])}
+    splits = {split: _split(x, y) for split, (x, y) in read_splits(files).items()}
     read = [p for pair in files.values() for p in pair]
     meta = {"vocab_size": 256, "max_len": PADDED * PADDED, "num_classes": NUM_CLASSES,
             "image_size": [PADDED, PADDED], "dataset": SOURCE, "classes": list(CLASSES),
