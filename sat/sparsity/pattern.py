@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from sat.config import SELECTIONS
+
 
 def block_pool(probs: torch.Tensor, block_size: int) -> torch.Tensor:
     """Average over block_size x block_size tiles: (..., N, N) -> (..., N/bs, N/bs)."""
@@ -29,9 +31,6 @@ def block_pool(probs: torch.Tensor, block_size: int) -> torch.Tensor:
 def pattern_loss(pooled: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
     """SAT's pattern loss: MSE(pooled probs (B, H, nb, nb), G (nb, nb) or (H, nb, nb) broadcast)."""
     return F.mse_loss(importance.expand_as(pooled).float(), pooled.float())
-
-
-SELECTIONS = ("global", "rows", "stripes")
 
 
 def topk_layout(importance: torch.Tensor, density: float, keep_diagonal: bool = False,
