@@ -126,7 +126,7 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def run(args: argparse.Namespace) -> list[tuple]:
     """Time every configuration; returns the table rows (and prints them as they come)."""
     from sat.kernels.blocksparse_triton import triton_block_sparse_attention
-    from sat.kernels.warmup import DTYPES, fp32_precision, random_layout
+    from sat.kernels.triton_support import DTYPES, fp32_precision, random_layout
 
     compiled_flex, no_flex = _compiled_flex()
     if no_flex:

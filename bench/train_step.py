@@ -67,15 +67,16 @@ def live_peak_mb(step, steps: int = 2) -> float:
 def child(phase: str, task: str, preset: str | None, batch: int, density: float | None, steps: int,
           backend: str, live_only: bool, sets: list[str]) -> dict:
     import torch
-    import torch.nn.functional as F
 
     from sat.cli import set_overrides
     from sat.config import load_config, merge
     from sat.data.batch import Batch
+    from sat.device import amp_dtype
     from sat.kernels.runtime import RUNTIME
     from sat.models.build import build_model
     from sat.optim import make_optimizer
     from sat.sparsity.monitor import TransitionMonitor
+    from sat.train import step_backward, step_forward
 
     torch.manual_seed(0)
     recompute = "sparse" if phase == "sparse-recompute" else "off"
@@ -103,20 +104,14 @@ def child(phase: str, task: str, preset: str | None, batch: int, density: float 
                "threading": "team" if live_only else "auto"}
     monitor = TransitionMonitor(cfg.sparsity.sk, cfg.sparsity.ds, cfg.model.num_layers)
 
+    dtype = amp_dtype(cfg, torch.device("cpu"))  # what training runs: the trainer's own forward and backward
+    scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+
     def step(collect: bool = monitored):
-        logits = model(data, collect=collect)
-        loss = F.cross_entropy(logits, data.y)
-        if collect:
-            pattern = [layer.stats.pattern_loss for layer in model.attention_layers()]
-            if pattern[0] is not None:  # only SAT's learned pattern has a loss of its own
-                loss = loss + cfg.sparsity.attn_loss_scale * sum(pattern)
-            maps = [layer.stats.mean_map for layer in model.attention_layers()]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
-        optimizer.step()
-        if collect:
-            monitor.update(maps)  # what the scheduler runs on a monitored step: skewness, distance, drift
+        _, loss = step_forward(model, model, data, data.y, collect, cfg, dtype, False)
+        step_backward(loss.total, model, optimizer, scaler, cfg.training.clip_value)
+        if loss.maps:
+            monitor.update(loss.maps)  # what the scheduler runs on a monitored step: skewness, distance, drift
 
     with RUNTIME.override(**choices):
         result = measure(step, monitored, live_only, steps)

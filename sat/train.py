@@ -151,7 +151,7 @@ def _train_step(s: RunState, run: RunLog) -> int:
     collect = s.scheduler.wants_stats(s.step)
     lr = set_lr(s.optimizer, lr_at(s.step, cfg) * s.scheduler.lr_scale)
     t0 = time.perf_counter()
-    logits, loss = _forward(s.forward_model, s.model, inputs, target, collect, cfg, s.dtype, s.mixer is not None)
+    logits, loss = step_forward(s.forward_model, s.model, inputs, target, collect, cfg, s.dtype, s.mixer is not None)
     finite, signum = distributed.finite_and_stop(bool(torch.isfinite(loss.total)), STOP.signum, s.dev)
     if not finite:
         raise TrainingError(f"non-finite loss at step {s.step + 1}; {run.kept()}. Lower the learning rate "
@@ -159,7 +159,7 @@ def _train_step(s: RunState, run: RunLog) -> int:
     ce, pattern = loss.values()  # read here, where the finiteness check has waited for the forward anyway
     if s.info.enabled:  # the loss of the whole global batch, as a one-rank run logs it (not rank 0's slice)
         ce = float(distributed.all_reduce_mean([loss.ce.detach().float()])[0])
-    _backward(loss.total, s.model, s.optimizer, s.scaler, cfg.training.clip_value)
+    step_backward(loss.total, s.model, s.optimizer, s.scaler, cfg.training.clip_value)
     if loss.maps:  # every rank feeds the monitor the same rank-averaged maps, so all decide alike
         s.scheduler.observe(s.step, distributed.all_reduce_mean(loss.maps))
     phase = "sparse" if s.scheduler.sparse else "dense"
@@ -204,9 +204,10 @@ def _mix(mixer, batch: Batch) -> tuple[Batch, torch.Tensor]:
     return Batch(mixed, batch.mask, batch.y), target
 
 
-def _forward(ddp_model: nn.Module, model: nn.Module, inputs: Batch, target: torch.Tensor, collect: bool,
+def step_forward(ddp_model: nn.Module, model: nn.Module, inputs: Batch, target: torch.Tensor, collect: bool,
              cfg: TaskConfig, dtype: torch.dtype | None, mixed: bool) -> tuple[torch.Tensor, StepLoss]:
-    """Logits and losses of one training step; with `collect` the attention layers' statistics too."""
+    """Logits and losses of one training step; with `collect` the attention layers' statistics too (also what
+    bench/train_step.py times)."""
     with torch.autocast(inputs.x.device.type, dtype=dtype, enabled=dtype is not None):
         logits = ddp_model(inputs, collect=collect)
         ce = F.cross_entropy(logits.float(), target, label_smoothing=0.0 if mixed else cfg.training.label_smoothing)
@@ -218,7 +219,7 @@ def _forward(ddp_model: nn.Module, model: nn.Module, inputs: Batch, target: torc
     return logits, StepLoss(ce, pattern, total, [s.mean_map for s in stats])
 
 
-def _backward(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
+def step_backward(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
               scaler: torch.amp.GradScaler, clip_value: float) -> None:
     """Gradients (scaled for fp16), clipped by value when clip_value > 0, and one optimizer step."""
     optimizer.zero_grad(set_to_none=True)

@@ -31,6 +31,14 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def tiny_run(tmp_path):
+    """The tiny training run of tests/fixtures.py (TinyRun: its command line and RunPaths), rooted in tmp_path."""
+    from tests.fixtures import TinyRun
+
+    return TinyRun(root=tmp_path)
+
+
 def worker_pids(launcher: int) -> dict[int, int]:
     """rank -> pid of torchrun's worker processes (read from their environment)."""
     ranks = {}

@@ -1,8 +1,12 @@
-"""Raw-format fixture writers and subprocess helpers shared by several test modules."""
+"""Raw-format fixture writers, the tiny training run (TinyRun) and subprocess helpers shared by several test
+modules."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -10,31 +14,77 @@ from PIL import Image
 
 from sat.data.format import Split, save_meta, save_split
 from sat.data.listops import TOKENS
+from sat.runlog import RunPaths
+
+# ------------------------------------------------------------------------------------ a tiny training run
+
+# the --set items of a tiny run: a one-layer model of width 16 on sequences of 64, 4 blocks of 16 (a quarter kept)
+TINY = {"model.num_layers": 1, "model.dim": 16, "model.hidden_dim": 32, "model.head_dim": 8,
+        "training.batch_size": 4, "training.eval_frequency": 2, "training.warmup_steps": 1,
+        "dataset.max_seq_len": 64, "sparsity.block_size": 16, "sparsity.density": 0.25}
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """A tiny training run: its command line (main_train.py's, which main_inference.py takes too) and its files.
+
+    - `argv(*extra, **overrides)`: --task, --random `seed`, --name, --root, --data_dir `data`, --train_steps
+      `steps`, --max_dense_steps `dense_steps`, --device, the `flags` as they are, one --set=KEY=VALUE per item
+      of `sets` (VALUE as typed on a command line: 2, 0.25, true, '"monarch"'), then `extra`, last, so that a flag
+      or --set repeated there wins. A field that is None leaves its flag out, for the command line's default
+      (root: the working folder; seed 1001; name 'sat'; device: CUDA when there is one).
+    - `bare(*extra, **overrides)`: the command line that only names the run (no data, steps or --set): what
+      --resume takes, the rest coming from the checkpoint.
+    - `paths(**overrides)`: the run's sat.runlog.RunPaths (text_log, tensorboard, losses, summary, best, last).
+      What the command line leaves to its defaults is given here, e.g. paths(root=the run's working folder).
+    - `replace(**overrides)`: the run with other fields, for a module's own runs.
+    `overrides` are fields, for that call only; `sets=` among them is merged into the run's items (None drops one).
+
+    The defaults are the tiny run most modules share: ListOps, seed 5, name 'run', 4 steps with the switch forced
+    after 2, TINY, the torch attention backend, no progress bar. A module whose runs differ derives its own
+    TinyRun and roots it per test; the `tiny_run` fixture (conftest.py) is TinyRun(root=tmp_path).
+    """
+
+    root: Path | None = None
+    task: str | None = "lra-listops"
+    name: str | None = "run"
+    seed: int | None = 5
+    steps: int | None = 4
+    dense_steps: int | None = 2
+    data: Path | None = None
+    device: str | None = None
+    flags: tuple[str, ...] = ("--no_progress", "--backend", "torch")
+    sets: Mapping[str, object] = field(default_factory=lambda: dict(TINY))
+
+    def replace(self, **overrides) -> TinyRun:
+        if "sets" in overrides:
+            merged = {**self.sets, **overrides["sets"]}
+            overrides["sets"] = {k: v for k, v in merged.items() if v is not None}
+        return dataclasses.replace(self, **overrides)
+
+    def argv(self, *extra: str, **overrides) -> list[str]:
+        r = self.replace(**overrides)
+        named = [("--task", r.task), ("--random", r.seed), ("--name", r.name), ("--root", r.root),
+                 ("--data_dir", r.data), ("--train_steps", r.steps), ("--max_dense_steps", r.dense_steps),
+                 ("--device", r.device)]
+        return [*(a for flag, value in named if value is not None for a in (flag, str(value))), *r.flags,
+                *(f"--set={key}={value}" for key, value in r.sets.items()), *extra]
+
+    def bare(self, *extra: str, **overrides) -> list[str]:
+        return dataclasses.replace(self, data=None, steps=None, dense_steps=None, sets={}).argv(*extra, **overrides)
+
+    def paths(self, **overrides) -> RunPaths:
+        r = self.replace(**overrides)
+        if None in (r.root, r.seed, r.task, r.name):
+            raise ValueError(f"TinyRun.paths needs a root, seed, task and name; give the missing as overrides: {r}")
+        return RunPaths.make(r.root, r.seed, r.task, r.name)
+
 
 # ------------------------------------------------------------------------------------ CLI runs (bad input)
 
-SEED = 5
-SMALL = [
-    "--random",
-    str(SEED),
-    "--no_progress",
-    "--backend",
-    "torch",
-    "--train_steps",
-    "4",
-    "--max_dense_steps",
-    "2",
-    "--set=model.num_layers=1",
-    "--set=model.dim=16",
-    "--set=model.hidden_dim=32",
-    "--set=model.head_dim=8",
-    "--set=training.batch_size=4",
-    "--set=training.eval_frequency=2",
-    "--set=training.warmup_steps=1",
-    "--set=dataset.max_seq_len=64",
-    "--set=sparsity.block_size=16",
-    "--set=sparsity.density=0.25",
-]
+# TinyRun's defaults as flags, without --task, --name and --root, for a module that gives its own
+SEED = TinyRun.seed
+SMALL = TinyRun(task=None, name=None).argv()
 
 
 def refused(r: subprocess.CompletedProcess, match: str, code: int = 2) -> None:

@@ -25,7 +25,7 @@ def test_monitored_and_unmonitored_dense_paths_agree():
     torch.testing.assert_close(stats.mean_map.sum(-1), torch.ones(64))  # rows of probabilities
     assert stats.mean_map[:, 30:].max() < stats.mean_map[:, :5].min()  # padded keys get less mass
     stats.pattern_loss.backward()
-    assert attn.pattern_weight.grad is not None and attn.pattern_weight.grad.abs().sum() > 0
+    assert attn.pattern.weight.grad is not None and attn.pattern.weight.grad.abs().sum() > 0
     assert attn.qkv.weight.grad is None  # the pattern loss does not pull the attention towards G
 
 
@@ -33,8 +33,33 @@ def test_sparse_with_full_layout_equals_dense():
     attn, x, mask = setup()
     dense = attn(x, mask)
     attn.sparsify(1.0)
-    assert attn.is_sparse and bool(attn.layout.all()) and not attn.pattern_weight.requires_grad
+    assert attn.is_sparse and bool(attn.pattern.layout.all()) and not attn.pattern.weight.requires_grad
     torch.testing.assert_close(attn(x, mask), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_a_loaded_sparse_state_makes_the_layer_sparse():
+    attn, x, mask = setup()
+    attn.sparsify(0.5)
+    state = attn.state_dict()
+    assert state["pattern._extra_state"].dtype == torch.bool and bool(state["pattern._extra_state"])
+    fresh, _, _ = setup()
+    assert not fresh.is_sparse and fresh._attend == fresh._dense_cpu
+    fresh.load_state_dict(state)
+    assert fresh.is_sparse and fresh._attend == fresh._sparse and not fresh.pattern.weight.requires_grad
+    torch.testing.assert_close(fresh(x, mask), attn(x, mask))
+
+
+def test_a_checkpoint_from_before_the_pattern_state_module_loads():
+    attn, x, mask = setup()
+    attn.sparsify(0.5)
+    renamed = {"pattern.weight": "pattern_weight", "pattern.mean": "pattern_mean", "pattern.count": "pattern_count",
+               "pattern.layout": "layout"}
+    old = {renamed.get(k, k): v for k, v in attn.state_dict().items() if k != "pattern._extra_state"}
+    old["sparse"] = torch.tensor(True)
+    fresh, _, _ = setup()
+    fresh.load_state_dict(old)
+    assert fresh.is_sparse and torch.equal(fresh.pattern.layout, attn.pattern.layout)
+    torch.testing.assert_close(fresh(x, mask), attn(x, mask))
 
 
 # --- the fused dense path of monitored steps (and of unmonitored CPU training steps with attention dropout) ----
@@ -43,7 +68,8 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 
-from sat.kernels.dense import dense_attention, keep_mask, keep_mask_scale  # noqa: E402
+from sat.kernels.dense import dense_attention  # noqa: E402
+from sat.kernels.dropout_mask import keep_mask, keep_mask_scale  # noqa: E402
 from sat.kernels.runtime import RUNTIME  # noqa: E402
 from sat.models.dropout import Dropout  # noqa: E402
 from sat.sparsity.pattern import block_pool  # noqa: E402

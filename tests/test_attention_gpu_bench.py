@@ -8,8 +8,8 @@ import importlib.util
 import pytest
 import torch
 
-from sat.kernels.triton_support import triton_shape_problem
-from sat.kernels.warmup import DTYPES, configured_shapes
+from sat.kernels.triton_support import DTYPES, triton_shape_problem
+from sat.warmup import configured_shapes
 from tests.conftest import ROOT
 
 

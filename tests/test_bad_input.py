@@ -20,7 +20,7 @@ import torch
 
 from sat.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import ROOT, small_listops
-from tests.fixtures import SEED, SMALL, nothing_written, refused
+from tests.fixtures import SEED, TinyRun, nothing_written, refused
 
 TASK = "lra-listops"
 
@@ -50,20 +50,8 @@ def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def train_cli(root: Path, data: Path | None, *extra: str, name: str = "run", task: str = TASK):
-    data_args = ["--data_dir", str(data)] if data is not None else []
-    return run(
-        "main_train.py",
-        "--task",
-        task,
-        *SMALL,
-        *data_args,
-        "--root",
-        str(root),
-        "--name",
-        name,
-        *extra,
-        cwd=root,
-    )
+    """The tiny run (TinyRun's defaults) in `root`; `extra` comes last and wins."""
+    return run("main_train.py", *TinyRun(root=root, task=task, name=name, data=data).argv(*extra), cwd=root)
 
 
 def infer_cli(root: Path, *extra: str, name: str = "ok", task: str = TASK):
@@ -128,8 +116,8 @@ def run_root(trained, tmp_path) -> Path:
 
 
 def ckpt(root: Path, which: str = "last", name: str = "ok", task: str = TASK) -> Path:
-    suffix = ".last.model" if which == "last" else ".model"
-    return root / "checkpoints" / f"checkpoints-{SEED}" / task / f"{name}{suffix}"
+    paths = TinyRun(root=root, task=task, name=name).paths()
+    return paths.last if which == "last" else paths.best
 
 
 # ------------------------------------------------------------------------------------------- usage / config
@@ -156,20 +144,8 @@ CONFIG_CASES = {
 @pytest.mark.parametrize("case", list(CONFIG_CASES))
 def test_bad_usage(case, data, tmp_path):
     extra, match = CONFIG_CASES[case]
-    data_args = [] if "--data_dir" in extra or "--preset" in extra else ["--data_dir", str(data)]
-    r = run(
-        "main_train.py",
-        "--task",
-        TASK,
-        *SMALL,
-        *data_args,
-        "--root",
-        str(tmp_path),
-        "--name",
-        "run",
-        *extra,
-        cwd=tmp_path,
-    )  # the case's arguments come last and win
+    data_dir = None if "--data_dir" in extra or "--preset" in extra else data
+    r = train_cli(tmp_path, data_dir, *extra)  # the case's arguments come last and win
     refused(r, match)
     nothing_written(tmp_path)
     assert not (tmp_path / "data").exists()  # no generated data for a refused config

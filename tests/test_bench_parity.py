@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from sat.runlog import RunPaths
 from tests.conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("parity", ROOT / "bench" / "parity.py")
@@ -67,7 +68,7 @@ def test_each_mode_fixes_its_settings_whatever_the_defaults(tmp_path, monkeypatc
     def fake_subprocess_run(cmd, **kwargs):
         seen.append(cmd)
         name = cmd[cmd.index("--name") + 1]
-        out = tmp_path / "logs" / "log-7" / "lra-listops" / f"{name}.summary.json"
+        out = RunPaths.make(tmp_path, 7, "lra-listops", name).summary
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result(7, 0.5, 1.0, 30, 0.9, 0.1)))
 

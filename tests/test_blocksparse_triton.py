@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from sat.kernels import block_sparse_attention, reference_attention
-from sat.kernels.warmup import TOLERANCE, fp32_precision
+from sat.kernels.triton_support import TOLERANCE, fp32_precision
 
 _INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not _INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child pytest")
@@ -316,7 +316,7 @@ def test_tf32_tolerance_fits_tf32_and_is_wider_than_exact_fp32():
 @pytest.mark.parametrize("block_size", [32, 64])
 def test_compiled_kernels_on_cuda(name, block_size):
     from sat.kernels.blocksparse_triton import triton_block_sparse_attention
-    from sat.kernels.warmup import DTYPES
+    from sat.kernels.triton_support import DTYPES
 
     dtype, precision = DTYPES[name]
     B, H, N, D, bs = 2, 2, 512, 64, block_size

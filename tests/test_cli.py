@@ -17,6 +17,7 @@ from sat.config import ConfigError
 from sat.data.format import DataError
 from sat.train import TrainingError
 from tests.conftest import ROOT, small_listops
+from tests.fixtures import TinyRun
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -136,13 +137,6 @@ def test_the_flags_checked_against_a_checkpoint():
         command_line_config(bad)
 
 
-SMALL = ["--task", "lra-listops", "--random", "6", "--name", "cl", "--no_progress", "--backend", "torch",
-         "--device", "cpu", "--train_steps", "4", "--max_dense_steps", "2", "--set=model.num_layers=1",
-         "--set=model.dim=16", "--set=model.hidden_dim=32", "--set=model.head_dim=8", "--set=training.batch_size=4",
-         "--set=training.eval_frequency=2", "--set=training.warmup_steps=1", "--set=dataset.max_seq_len=64",
-         "--set=sparsity.block_size=16", "--set=sparsity.density=0.25"]
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny run trained through main_train.main; returns (root, data, argv of its training command, summary)."""
@@ -150,9 +144,10 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cli")
     data = small_listops(root)
-    argv = [*SMALL, "--data_dir", str(data), "--root", str(root)]
+    run = TinyRun(root=root, seed=6, name="cl", data=data, device="cpu")
+    argv = run.argv()
     assert main(argv) == 0
-    summary = json.loads((root / "logs" / "log-6" / "lra-listops" / "cl.summary.json").read_text())
+    summary = json.loads(run.paths().summary.read_text())
     return root, data, argv, summary
 
 

@@ -12,11 +12,13 @@ import weakref
 import pytest
 
 from tests.conftest import ROOT, small_listops
+from tests.fixtures import TinyRun
 
-SETS = ['model.mlp="monarch"', "model.nblocks=2", "sparsity.s2d_fraction=0.625", "model.num_layers=2",
-        "model.dim=16", "model.hidden_dim=32", "model.head_dim=8", "training.batch_size=8",
-        "training.eval_frequency=4", "dataset.max_seq_len=64", "sparsity.block_size=16",
-        "sparsity.density=0.2"]
+# two layers, a global batch of 8 (4 on each of 2 ranks), the task's warmup
+TWO_RANKS = TinyRun(device="cpu").replace(sets={"model.num_layers": 2, "training.batch_size": 8,
+                                                "training.warmup_steps": None, "sparsity.density": 0.2})
+DDP = TWO_RANKS.replace(name="ddp", seed=3, steps=24, dense_steps=8, sets={
+    "model.mlp": '"monarch"', "model.nblocks": 2, "sparsity.s2d_fraction": 0.625, "training.eval_frequency": 4})
 
 
 @pytest.mark.slow
@@ -24,17 +26,14 @@ def test_lra_two_ranks_take_transitions_together(tmp_path):
     small_listops(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(ROOT / "main_train.py"), "--task", "lra-listops", "--train_steps", "24",
-                        "--max_dense_steps", "8", "--random", "3", "--no_progress", "--backend", "torch",
-                        "--device", "cpu", "--data_dir", str(tmp_path / "data"), "--name", "ddp",
-                        *[f"--set={s}" for s in SETS]], capture_output=True, text=True, cwd=tmp_path, env=env,
-                       timeout=300)
+                        str(ROOT / "main_train.py"), *DDP.argv(data=tmp_path / "data")],  # the root: cwd
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-5000:]
     found = {}
     for rank, kind, step in re.findall(r"rank (\d)/2: (sparsify|densify) at step (\d+)", r.stderr):
         found.setdefault(kind, {})[int(rank)] = int(step)
     assert found == {"sparsify": {0: 8, 1: 8}, "densify": {0: 15, 1: 15}}
-    s = json.loads((tmp_path / "logs" / "log-3" / "lra-listops" / "ddp.summary.json").read_text())
+    s = json.loads(DDP.paths(root=tmp_path).summary.read_text())
     assert (s["transition_step"], s["densify_step"], s["world_size"], s["global_batch_size"]) == (8, 15, 2, 8)
     assert 0.0 <= s["test_accuracy"] <= s["test_top5"] <= 1.0
     e = subprocess.run([sys.executable, str(ROOT / "main_inference.py"), "--mode", "eval", "--task",
@@ -46,15 +45,11 @@ def test_lra_two_ranks_take_transitions_together(tmp_path):
     assert out["checkpoint_step"] == 24 and out["attention"] == "block-sparse"
 
 
-SAME = ["--task", "lra-listops", "--train_steps", "4", "--max_dense_steps", "2", "--random", "5", "--no_progress",
-        "--backend", "torch", "--device", "cpu", "--name", "same", "--set=model.num_layers=2", "--set=model.dim=16",
-        "--set=model.hidden_dim=32", "--set=model.head_dim=8", "--set=training.batch_size=8",
-        "--set=training.eval_frequency=2", "--set=dataset.max_seq_len=64", "--set=sparsity.block_size=16",
-        "--set=sparsity.density=0.2", "--set=model.dropout=0.0", "--set=model.attn_dropout=0.0"]
+SAME = TWO_RANKS.replace(name="same", sets={"model.dropout": 0.0, "model.attn_dropout": 0.0})
 
 
 def _losses(root) -> list[float]:
-    lines = (root / "logs" / "log-5" / "lra-listops" / "same.losses.tsv").read_text().splitlines()
+    lines = SAME.paths(root=root).losses.read_text().splitlines()
     return [float(line.split("\t")[1]) for line in lines]
 
 
@@ -70,12 +65,12 @@ def test_two_ranks_run_the_one_rank_experiment(tmp_path):
         root = tmp_path / f"world{world}"
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
                     if world == 2 else [sys.executable])
-        r = subprocess.run([*launcher, str(ROOT / "main_train.py"), *SAME, "--data_dir", str(data), "--root",
-                            str(root)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        r = subprocess.run([*launcher, str(ROOT / "main_train.py"), *SAME.argv(root=root, data=data)],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-5000:]
         per = 8 // world
         assert f"batch: 8 examples a step, {per} on each of {world} rank(s)" in r.stdout
-        s = json.loads((root / "logs" / "log-5" / "lra-listops" / "same.summary.json").read_text())
+        s = json.loads(SAME.paths(root=root).summary.read_text())
         assert (s["world_size"], s["global_batch_size"], s["rank_batch_size"]) == (world, 8, per)
         runs[world] = _losses(root)
     one, two = runs[1], runs[2]
@@ -89,8 +84,8 @@ def test_a_global_batch_that_does_not_split_is_refused(tmp_path):
     what torchrun sets; the check comes before the process group is joined, so no launcher is needed."""
     data = small_listops(tmp_path)
     env = {**os.environ, "WORLD_SIZE": "3", "RANK": "0"}
-    r = subprocess.run([sys.executable, str(ROOT / "main_train.py"), *SAME, "--data_dir", str(data), "--root",
-                        str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, str(ROOT / "main_train.py"), *SAME.argv(root=tmp_path / "run", data=data)],
+                       capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and r.stderr == (
         "error: training.batch_size 8 is the global batch of task lra-listops and does not split over 3 ranks; run "
         "on 1, 2, 4, 8 rank(s), or pass --batch_size a multiple of 3\n")

@@ -15,7 +15,7 @@ import pytest
 from sat.data.format import DataError, load_meta, load_split
 from sat.data.prepare import fashion_mnist as fm
 from sat.data.prepare.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx, write_idx
-from tests.fixtures import refused
+from tests.fixtures import TinyRun, refused
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,13 +179,14 @@ def test_preset_prepares_the_release_on_first_use(tmp_path: Path, monkeypatch) -
     assert (folder / "lra-image.meta.json").stat().st_mtime_ns == stamp
 
 
-def _small_image_run(tmp_path: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    argv = ["--task", "lra-image", "--preset", "image", "--root", str(tmp_path), "--random", "3", "--no_progress",
-            "--train_steps", "4", "--max_dense_steps", "2", "--set=model.num_layers=1", "--set=model.dim=16",
-            "--set=model.hidden_dim=32", "--set=model.head_dim=8", "--set=training.batch_size=4",
-            "--set=training.eval_frequency=2", "--set=training.warmup_steps=1", *extra]
-    return subprocess.run([sys.executable, str(ROOT / "main_train.py"), *argv], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=600)
+# the tiny run on the preset's sequences and blocks, no --name, the default attention backend and device
+IMAGE = TinyRun(task="lra-image", name=None, seed=3, flags=("--preset", "image", "--no_progress")).replace(sets={
+    "dataset.max_seq_len": None, "sparsity.block_size": None, "sparsity.density": None})
+
+
+def _small_image_run(tmp_path: Path, env: dict | None = None, **overrides) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "main_train.py"), *IMAGE.argv(root=tmp_path, **overrides)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
 
 
 def test_preset_without_the_package_is_one_line_and_nothing_written(tmp_path: Path) -> None:
@@ -206,7 +207,7 @@ def test_preset_refuses_other_data(tmp_path: Path) -> None:
         save_split(other, "lra-image", split, Split(np.zeros((4, 1024), np.int32), np.full(4, 1024, np.int32),
                                                     np.arange(4) % 10))
     save_meta(other, "lra-image", {"vocab_size": 256, "num_classes": 10, "dataset": "cifar-10"})
-    r = _small_image_run(tmp_path, "--data_dir", str(other))
+    r = _small_image_run(tmp_path, data=other)
     refused(r, "holds cifar-10 data, but the config asks for fashion-mnist")
 
 
@@ -215,9 +216,9 @@ def test_preset_trains_and_the_summary_names_the_data(tmp_path: Path) -> None:
 
     make_release(tmp_path / "raw", n_train=40, n_test=12)
     fm.preprocess_fashion_mnist(tmp_path / "fm", tmp_path / "raw")
-    r = _small_image_run(tmp_path, "--data_dir", str(tmp_path / "fm"), "--name", "fm")
+    r = _small_image_run(tmp_path, data=tmp_path / "fm", name="fm")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "task lra-image on fashion-mnist:" in r.stdout
-    summary = json.loads((tmp_path / "logs" / "log-3" / "lra-image" / "fm.summary.json").read_text())
+    summary = json.loads(IMAGE.paths(root=tmp_path, name="fm").summary.read_text())
     assert summary["dataset"] == "fashion-mnist" and summary["transition_step"] == 2
     assert summary["selection"] == "global" and summary["keep_diagonal"] is True

@@ -1,4 +1,5 @@
-"""ImageNet-style folders, Pillow transforms, seeded loaders and Mixup/CutMix (sat.data.imagenet)."""
+"""ImageNet-style folders, Pillow transforms, seeded loaders and Mixup/CutMix (sat/data/image_folder.py,
+image_transforms.py, image_loader.py, mixup.py)."""
 
 from __future__ import annotations
 
@@ -14,19 +15,17 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from sat.data.format import DataError
-from sat.data.imagenet import (
+from sat.data.image_folder import ImageFolderDataset
+from sat.data.image_loader import build_loader
+from sat.data.image_transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ImageFolderDataset,
-    Mixup,
-    build_loader,
     eval_transform,
     random_resized_crop_box,
-    smooth_one_hot,
-    soft_target_cross_entropy,
     to_normalized_tensor,
     train_transform,
 )
+from sat.data.mixup import Mixup, smooth_one_hot
 
 CLASSES = ["cat", "dog", "fox"]
 SIZES = [(40, 30), (50, 64), (33, 47), (64, 40)]
@@ -345,7 +344,7 @@ def test_mixup_alphas_zero_is_label_smoothing_only():
     torch.testing.assert_close(smooth_one_hot(y, 10, 0.1), expected)
     logits = torch.randn(8, 10, generator=torch.Generator().manual_seed(1))
     expected_loss = F.cross_entropy(logits, y, label_smoothing=0.1)
-    torch.testing.assert_close(soft_target_cross_entropy(logits, t), expected_loss)
+    torch.testing.assert_close(F.cross_entropy(logits, t), expected_loss)  # soft targets, as training reads them
 
 
 def test_mixup_mode_mixes_inputs_and_targets_consistently():
@@ -382,11 +381,3 @@ def test_mixup_determinism_and_state():
     b.load_state_dict(state)
     second = b(x, y)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-
-
-def test_soft_target_cross_entropy_matches_hard_labels():
-    logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(0)).half()
-    y = torch.tensor([0, 1, 2, 3, 4, 0])
-    loss = soft_target_cross_entropy(logits, F.one_hot(y, 5).float())
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, F.cross_entropy(logits.float(), y))

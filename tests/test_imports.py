@@ -90,6 +90,22 @@ def test_the_package_has_no_import_cycles():
     assert not _cycles(package_graph()), f"import cycles: {_cycles(package_graph())}"
 
 
+# Arrows point downwards: a module of a layer imports nothing of the layers above it.
+LOWER_KNOWS_NOT = {
+    "sat.kernels": ("sat.models", "sat.sparsity", "sat.config", "sat.train", "sat.checkpoint", "sat.data", "sat.warmup",
+                    "sat.compile_report"),
+    "sat.models": ("sat.checkpoint", "sat.train", "sat.runs", "sat.runlog", "sat.run_state", "sat.evaluate"),
+    "sat.shapes": ("sat.",),
+}
+
+
+def test_lower_layers_import_nothing_from_higher_ones():
+    upward = sorted(f"{m} -> {i}" for m, imported in package_graph().items() for i in imported
+                    for layer, above in LOWER_KNOWS_NOT.items()
+                    if (m == layer or m.startswith(layer + ".")) and i.startswith(above))
+    assert not upward, f"imports against the layers: {upward}"
+
+
 def test_the_cycle_finder_finds_cycles():
     graph = {"a": {"b"}, "b": {"c", "x"}, "c": {"a"}, "d": {"a"}, "e": {"e2"}, "e2": set()}
     assert _cycles(graph) == [["a", "b", "c"]]

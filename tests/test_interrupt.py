@@ -18,14 +18,11 @@ import pytest
 
 from sat.checkpoint import load_checkpoint
 from tests.conftest import ROOT, small_listops, worker_pids
+from tests.fixtures import TinyRun
 
-SEED = 3
-SETS = ["model.num_layers=1", "model.dim=16", "model.hidden_dim=32", "model.head_dim=8", "training.batch_size=4",
-        "training.eval_frequency=1000", "training.checkpoint_every=0", "training.warmup_steps=2",
-        "dataset.max_seq_len=64", "sparsity.block_size=16", "sparsity.density=0.25"]
 # long enough that no run ends before the signal lands; only the interrupt writes a checkpoint
-ARGS = ["--task", "lra-listops", "--random", str(SEED), "--train_steps", "2000", "--max_dense_steps", "500",
-        "--no_progress", "--backend", "torch", "--device", "cpu", *[f"--set={s}" for s in SETS]]
+RUN = TinyRun(seed=3, steps=2000, dense_steps=500, device="cpu").replace(sets={
+    "training.eval_frequency": 1000, "training.checkpoint_every": 0, "training.warmup_steps": 2})
 LINE = re.compile(r"^interrupted at step (\d+); checkpoint saved; continue with --resume$")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -35,16 +32,8 @@ def data(tmp_path_factory) -> Path:
     return small_listops(tmp_path_factory.mktemp("listops"), 40, 8, 8, seed=2)
 
 
-def run_dir(root: Path) -> Path:
-    return root / "logs" / f"log-{SEED}" / "lra-listops"
-
-
-def last_ckpt(root: Path, name: str) -> Path:
-    return root / "checkpoints" / f"checkpoints-{SEED}" / "lra-listops" / f"{name}.last.model"
-
-
 def losses(root: Path, name: str) -> list[str]:
-    return (run_dir(root) / f"{name}.losses.tsv").read_text().splitlines()
+    return RUN.paths(root=root, name=name).losses.read_text().splitlines()
 
 
 def last_step(path: Path) -> int:
@@ -63,15 +52,16 @@ def wait_for_step(proc: subprocess.Popen, path: Path, step: int, timeout: float 
     assert last_step(path) >= step, "the run did not reach the step in time"
 
 
-def main_train(root: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "main_train.py"), "--root", str(root), *extra]
+def main_train(*argv: str) -> list[str]:
+    return [sys.executable, str(ROOT / "main_train.py"), *argv]
 
 
 def interrupt(root: Path, data: Path, name: str, sig: int) -> tuple[subprocess.CompletedProcess, int]:
     """Start a run, send `sig` once it has trained a few steps; returns (its result, the step it stopped at)."""
-    proc = subprocess.Popen(main_train(root, *ARGS, "--data_dir", str(data), "--name", name), env=ENV,
+    paths = RUN.paths(root=root, name=name)
+    proc = subprocess.Popen(main_train(*RUN.argv(root=root, data=data, name=name)), env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(proc, run_dir(root) / f"{name}.losses.tsv", 3)
+    wait_for_step(proc, paths.losses, 3)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
@@ -79,8 +69,8 @@ def interrupt(root: Path, data: Path, name: str, sig: int) -> tuple[subprocess.C
     said = [line for line in out.splitlines() if line.startswith("interrupted")]
     assert len(said) == 1 and LINE.match(said[0]) and out.splitlines()[-1] == said[0], out[-3000:]
     step = int(LINE.match(said[0]).group(1))
-    assert step >= 3 and last_step(run_dir(root) / f"{name}.losses.tsv") == step  # the step was finished
-    assert load_checkpoint(last_ckpt(root, name))["step"] == step  # and checkpointed
+    assert step >= 3 and last_step(paths.losses) == step  # the step was finished
+    assert load_checkpoint(paths.last)["step"] == step  # and checkpointed
     return r, step
 
 
@@ -88,18 +78,17 @@ def interrupt(root: Path, data: Path, name: str, sig: int) -> tuple[subprocess.C
 def test_sigint_saves_the_step_and_resume_continues_exactly(data, tmp_path):
     r, step = interrupt(tmp_path, data, "run", signal.SIGINT)
     assert r.returncode == 130
-    assert f"interrupted at step {step}" in (run_dir(tmp_path) / "run.log").read_text()
+    assert f"interrupted at step {step}" in RUN.paths(root=tmp_path).text_log.read_text()
 
     # --resume alone: task, data folder, preset and every --set come from the checkpoint
     end = step + 3
-    r = subprocess.run(main_train(tmp_path, "--task", "lra-listops", "--random", str(SEED), "--name", "run",
-                                  "--resume", "--stop_at", str(end), "--no_progress", "--backend", "torch"),
+    r = subprocess.run(main_train(*RUN.bare("--resume", "--stop_at", str(end), root=tmp_path, device=None)),
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from step {step} (phase dense)" in r.stdout
     # the same steps without the interruption
-    ref = subprocess.run(main_train(tmp_path, *ARGS, "--data_dir", str(data), "--name", "ref", "--stop_at",
-                                    str(end)), env=ENV, capture_output=True, text=True, timeout=300)
+    ref = subprocess.run(main_train(*RUN.argv("--stop_at", str(end), root=tmp_path, data=data, name="ref")),
+                         env=ENV, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert losses(tmp_path, "run") == losses(tmp_path, "ref") and len(losses(tmp_path, "ref")) == end
 
@@ -201,10 +190,11 @@ except ImportError:  # pragma: no cover
 @pytest.mark.skipif(not HAS_GLOO, reason="torch.distributed with gloo is not available")
 def test_torchrun_ranks_stop_at_the_same_step(data, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                str(ROOT / "main_train.py"), "--root", str(tmp_path)]
-    proc = subprocess.Popen([*torchrun, *ARGS, "--data_dir", str(data), "--name", "ddp"], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(proc, run_dir(tmp_path) / "ddp.losses.tsv", 3)
+                str(ROOT / "main_train.py")]
+    run = RUN.replace(root=tmp_path, name="ddp")
+    proc = subprocess.Popen([*torchrun, *run.argv(data=data)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, run.paths().losses, 3)
     workers = worker_pids(proc.pid)
     assert set(workers) == {0, 1}
     os.kill(workers[0], signal.SIGINT)  # rank 0 alone: rank 1 learns it through the per-step check
@@ -214,12 +204,10 @@ def test_torchrun_ranks_stop_at_the_same_step(data, tmp_path):
     assert set(stopped) == {"0", "1"} and stopped["0"] == stopped["1"], err[-5000:]
     step = int(stopped["0"])
     assert re.search(rf"^interrupted at step {step}; checkpoint saved; continue with --resume$", out, re.M)
-    assert load_checkpoint(last_ckpt(tmp_path, "ddp"))["step"] == step == last_step(
-        run_dir(tmp_path) / "ddp.losses.tsv")
+    assert load_checkpoint(run.paths().last)["step"] == step == last_step(run.paths().losses)
 
-    r = subprocess.run([*torchrun, "--task", "lra-listops", "--random", str(SEED), "--name", "ddp", "--resume",
-                        "--stop_at", str(step + 2), "--no_progress", "--backend", "torch", "--device", "cpu"],
-                       env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*torchrun, *run.bare("--resume", "--stop_at", str(step + 2))], env=ENV, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-5000:]
     assert f"resumed from step {step} (phase dense)" in r.stdout
-    assert last_step(run_dir(tmp_path) / "ddp.losses.tsv") == step + 2
+    assert last_step(run.paths().losses) == step + 2

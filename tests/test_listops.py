@@ -325,18 +325,18 @@ def test_generated_data_follows_its_settings(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_quick_preset_generates_where_the_readme_says_and_says_so(tmp_path: Path) -> None:
+def test_the_quick_preset_generates_where_the_readme_says_and_says_so(tmp_path: Path, tiny_run) -> None:
     """One convention for every task's data: data/{name} under --root, {name} = the task for preprocessed data
     and {task}-generated-{N} for a preset's generated set; the run prints the folder it generates into and the
     one it reads, and main_inference evaluates on that same data without being told where it is."""
     from tests.conftest import ROOT
 
     gen = '{"n_train": 24, "n_val": 6, "n_test": 6, "min_len": 10, "max_len": 40}'
-    argv = ["--task", "lra-listops", "--preset", "quick", "--root", str(tmp_path), "--name", "q", "--no_progress",
-            "--train_steps", "2", "--max_dense_steps", "1", "--backend", "torch", "--device", "cpu",
-            f"--set=dataset.generate={gen}", "--set=model.num_layers=1", "--set=model.dim=16",
-            "--set=model.hidden_dim=32", "--set=model.head_dim=8", "--set=training.batch_size=4",
-            "--set=training.eval_frequency=2", "--set=training.warmup_steps=1"]
+    # the preset's sequences and blocks, the default seed
+    argv = tiny_run.argv(name="q", seed=None, steps=2, dense_steps=1, device="cpu",
+                         flags=("--preset", "quick", *tiny_run.flags),
+                         sets={"dataset.generate": gen, "dataset.max_seq_len": None, "sparsity.block_size": None,
+                               "sparsity.density": None})
     r = subprocess.run([sys.executable, str(ROOT / "main_train.py"), *argv], capture_output=True, text=True,
                        cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

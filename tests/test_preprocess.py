@@ -286,7 +286,7 @@ def test_cli_missing_overwrite_force(tmp_path: Path) -> None:
     assert r.returncode == 2 and r.stderr.startswith("error: missing")
 
 
-def test_csv_text_trains_as_a_task(tmp_path: Path) -> None:
+def test_csv_text_trains_as_a_task(tmp_path: Path, tiny_run) -> None:
     """create_csv_text's output trains with --task csv-text --data_dir, the class count read from its meta."""
     train, test = tmp_path / "train.csv", tmp_path / "test.csv"
     train.write_text("".join(f"{1 + i % 4},sample text number {i}\n" for i in range(48)), encoding="utf-8")
@@ -294,16 +294,18 @@ def test_csv_text_trains_as_a_task(tmp_path: Path) -> None:
     r = run_module("preprocess.create_csv_text", "--train", str(train), "--test", str(test), "--out",
                    str(tmp_path / "agnews"), "--name", "agnews", "--max_len", "32")
     assert r.returncode == 0, r.stderr
-    argv = ["--task", "csv-text", "--data_dir", str(tmp_path / "agnews"), "--root", str(tmp_path), "--name", "ag",
-            "--train_steps", "4", "--no_progress", "--set=dataset.max_seq_len=32", "--set=sparsity.block_size=8",
-            "--set=sparsity.density=0.25", "--set=training.batch_size=4", "--set=training.eval_frequency=2",
-            "--set=training.warmup_steps=1", "--set=model.num_layers=1", "--max_dense_steps", "2"]
+    # the task's model widths, the default seed, attention backend and device
+    ag = tiny_run.replace(task="csv-text", data=tmp_path / "agnews", name="ag", seed=None, flags=("--no_progress",),
+                          sets={"dataset.max_seq_len": 32, "sparsity.block_size": 8, "model.dim": None,
+                                "model.hidden_dim": None, "model.head_dim": None})
+    argv = ag.argv()
+    paths = ag.paths(seed=1001)  # --random's default names the folders
     r = subprocess.run([sys.executable, str(ROOT / "main_train.py"), *argv], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    summary = json.loads((tmp_path / "logs" / "log-1001" / "csv-text" / "ag.summary.json").read_text())
+    summary = json.loads(paths.summary.read_text())
     assert summary["task"] == "csv-text" and summary["transition_step"] == 2
-    log = (tmp_path / "logs" / "log-1001" / "csv-text" / "ag.log").read_text()
+    log = paths.text_log.read_text()
     assert "dev accuracy" in log and "top-5" not in log  # 4 classes: no top-5 in the text
     assert "None" not in log
     # the same command line evaluates the run (4 classes: no top-5 there either)

@@ -20,34 +20,12 @@ import pytest
 
 from sat.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import ROOT, small_listops
+from tests.fixtures import TinyRun
 
-STEPS, SWITCH, DENSIFY, SEED = 24, 8, 15, 3
-ARGS = [
-    "--task",
-    "lra-listops",
-    "--train_steps",
-    str(STEPS),
-    "--max_dense_steps",
-    str(SWITCH),
-    "--random",
-    str(SEED),
-    "--no_progress",
-    "--backend",
-    "torch",
-    '--set=model.mlp="monarch"',
-    "--set=model.nblocks=2",
-    "--set=sparsity.s2d_fraction=0.625",
-    "--set=model.num_layers=2",
-    "--set=model.dim=16",
-    "--set=model.hidden_dim=32",
-    "--set=model.head_dim=8",
-    "--set=training.batch_size=4",
-    "--set=training.eval_frequency=2",
-    "--set=training.warmup_steps=2",
-    "--set=dataset.max_seq_len=64",
-    "--set=sparsity.block_size=16",
-    "--set=sparsity.density=0.2",
-]
+STEPS, SWITCH, DENSIFY = 24, 8, 15
+RUN = TinyRun(seed=3, steps=STEPS, dense_steps=SWITCH).replace(sets={
+    "model.mlp": '"monarch"', "model.nblocks": 2, "sparsity.s2d_fraction": 0.625, "model.num_layers": 2,
+    "training.warmup_steps": 2, "sparsity.density": 0.2})
 
 
 @pytest.fixture(scope="module")
@@ -67,34 +45,15 @@ def reference(tmp_path_factory, data) -> tuple[list[str], dict]:
 
 
 def command(root: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        str(ROOT / "main_train.py"),
-        *ARGS,
-        "--data_dir",
-        str(data),
-        "--root",
-        str(root),
-        "--name",
-        "run",
-        *extra,
-    ]
-
-
-def run_dir(root: Path) -> Path:
-    return root / "logs" / f"log-{SEED}" / "lra-listops"
-
-
-def ckpt_dir(root: Path) -> Path:
-    return root / "checkpoints" / f"checkpoints-{SEED}" / "lra-listops"
+    return [sys.executable, str(ROOT / "main_train.py"), *RUN.argv(*extra, root=root, data=data)]
 
 
 def losses(root: Path) -> list[str]:
-    return (run_dir(root) / "run.losses.tsv").read_text().splitlines()
+    return RUN.paths(root=root).losses.read_text().splitlines()
 
 
 def summary(root: Path) -> dict:
-    s = json.loads((run_dir(root) / "run.summary.json").read_text())
+    s = json.loads(RUN.paths(root=root).summary.read_text())
     return {k: v for k, v in s.items() if "per_sec" not in k and "memory" not in k}
 
 
@@ -118,8 +77,9 @@ def run_until_killed(root: Path, data: Path, target: int, delay: float) -> tuple
     """Start (or resume) the run, SIGKILL it `delay` seconds after it logged step `target`; returns (the last
     step in the loss log after the kill, the exit code if it finished first, else None)."""
     # a run killed before its first checkpoint is started again under its name with --overwrite
-    resume = ["--resume"] if (ckpt_dir(root) / "run.last.model").exists() else ["--overwrite"]
-    loss_file = run_dir(root) / "run.losses.tsv"
+    paths = RUN.paths(root=root)
+    resume = ["--resume"] if paths.last.exists() else ["--overwrite"]
+    loss_file = paths.losses
     old = _inode(loss_file)
     proc = subprocess.Popen(command(root, data, *resume), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
@@ -143,6 +103,7 @@ def run_until_killed(root: Path, data: Path, target: int, delay: float) -> tuple
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(seed, data, reference, tmp_path):
     full, ref = reference
+    paths = RUN.paths(root=tmp_path)
     rng = random.Random(seed)
     targets = [
         rng.randint(2, SWITCH - 1),
@@ -156,7 +117,7 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(seed, data, refe
         if code == 0:  # it finished before the kill landed (the last target can be the final step)
             break
         killed_at.append(step)
-        for model in ckpt_dir(tmp_path).glob("*.model"):  # whatever the kill interrupted, checkpoints load
+        for model in paths.ckpt_dir.glob("*.model"):  # whatever the kill interrupted, checkpoints load
             state = load_checkpoint(model)
             assert state["step"] % 2 == 0 and state["step"] <= step
     print(f"seed {seed}: killed after steps {killed_at}")
@@ -164,13 +125,13 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(seed, data, refe
     assert any(s < SWITCH for s in killed_at), killed_at
     assert any(SWITCH < s <= DENSIFY for s in killed_at), killed_at
     assert any(s > DENSIFY for s in killed_at), killed_at
-    if not (run_dir(tmp_path) / "run.summary.json").exists():
+    if not paths.summary.exists():
         r = subprocess.run(command(tmp_path, data, "--resume"), capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
     assert losses(tmp_path) == full, f"killed at steps {killed_at}"
     assert summary(tmp_path) == ref
     assert not list((tmp_path / "checkpoints").rglob("*.tmp")), "temporary files left in checkpoints/"
-    assert not list(run_dir(tmp_path).glob(".*.tmp"))
+    assert not list(paths.log_dir.glob(".*.tmp"))
 
 
 _SAVER = """

@@ -18,6 +18,7 @@ import pytest
 
 from sat.checkpoint import load_checkpoint
 from tests.conftest import ROOT, small_listops, worker_pids
+from tests.fixtures import TinyRun
 
 try:
     import torch.distributed as dist
@@ -36,47 +37,14 @@ pytestmark = [
     pytest.mark.skipif(not DDP_READY, reason="main_train.py has no torchrun support yet (issue 7)"),
 ]
 
-SEED, STEPS = 3, 24
-SETS = [
-    "model.num_layers=2",
-    "model.dim=16",
-    "model.hidden_dim=32",
-    "model.head_dim=8",
-    "training.batch_size=8",  # the global batch: 4 on each of the 2 ranks
-    "training.eval_frequency=2",
-    "dataset.max_seq_len=64",
-    "sparsity.block_size=16",
-    "sparsity.density=0.2",
-    "model.dropout=0.0",
-    "model.attn_dropout=0.0",
-    'model.mlp="monarch"',
-    "model.nblocks=2",
-    "sparsity.s2d_fraction=0.5",
-]
+STEPS = 24
 # the switch comes from the monitor's criteria (not forced), from the rank-averaged attention maps: on this data
 # it fires at step 16 for any sk in 0.45-0.47 (measured), after the densify at step 12
-ARGS = [
-    "--task",
-    "lra-listops",
-    "--train_steps",
-    str(STEPS),
-    "--max_dense_steps",
-    "0",
-    "--sk",
-    "0.46",
-    "--ds",
-    "60",
-    "--random",
-    str(SEED),
-    "--no_progress",
-    "--backend",
-    "torch",
-    "--device",
-    "cpu",
-    "--name",
-    "ddp",
-    *[f"--set={s}" for s in SETS],
-]
+RUN = TinyRun(name="ddp", seed=3, steps=STEPS, dense_steps=0, device="cpu",
+              flags=(*TinyRun.flags, "--sk", "0.46", "--ds", "60")).replace(sets={
+    "model.num_layers": 2, "training.batch_size": 8,  # the global batch: 4 on each of the 2 ranks
+    "training.warmup_steps": None, "sparsity.density": 0.2, "model.dropout": 0.0, "model.attn_dropout": 0.0,
+    "model.mlp": '"monarch"', "model.nblocks": 2, "sparsity.s2d_fraction": 0.5})
 EVENT = re.compile(r"rank (\d)/2: (sparsify|densify) at step (\d+)")
 
 
@@ -93,12 +61,7 @@ def torchrun(root: Path, data: Path, *extra: str) -> list[str]:
         "--standalone",
         "--nproc_per_node=2",
         str(ROOT / "main_train.py"),
-        *ARGS,
-        "--data_dir",
-        str(data),
-        "--root",
-        str(root),
-        *extra,
+        *RUN.argv(*extra, root=root, data=data),
     ]
 
 
@@ -112,12 +75,8 @@ def events(stderr: str) -> dict:
     return found
 
 
-def run_dir(root: Path) -> Path:
-    return root / "logs" / f"log-{SEED}" / "lra-listops"
-
-
 def losses(root: Path) -> list[str]:
-    return (run_dir(root) / "ddp.losses.tsv").read_text().splitlines()
+    return RUN.paths(root=root).losses.read_text().splitlines()
 
 
 def _last_step(root: Path) -> int:
@@ -147,7 +106,7 @@ def kill_rank_after(root: Path, data: Path, rank: int, step: int, *extra: str) -
         text=True, env=ENV,
     )
     deadline = time.monotonic() + 240
-    log = run_dir(root) / "ddp.losses.tsv"
+    log = RUN.paths(root=root).losses
     old = log.stat().st_ino if log.exists() else None
     # the new run rewrites the loss log (a new inode) back to its checkpoint's step before training
     while (
@@ -196,7 +155,7 @@ def test_dead_rank_stops_the_run_and_resume_keeps_ranks_together(data, tmp_path)
     got = events(r.stderr)
     assert got["sparsify"] == ref["sparsify"], got  # both ranks, the same step, that of the uninterrupted run
     assert "densify" not in got  # it happened before the last interruption and was restored, not repeated
-    s = json.loads((run_dir(root) / "ddp.summary.json").read_text())
+    s = json.loads(RUN.paths(root=root).summary.read_text())
     assert (s["transition_step"], s["densify_step"], s["world_size"]) == (ref["sparsify"][0], 12, 2)
     assert losses(root) == full
     assert not list((root / "checkpoints").rglob("*.tmp"))

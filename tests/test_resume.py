@@ -8,14 +8,12 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, small_listops
+from tests.fixtures import TinyRun
 
 STEPS = 24
-ARGS = ["--task", "lra-listops", "--train_steps", str(STEPS), "--max_dense_steps", "8", "--random", "3",
-        "--no_progress", "--backend", "torch",
-        "--set=model.mlp=\"monarch\"", "--set=model.nblocks=2", "--set=sparsity.s2d_fraction=0.625",
-        "--set=model.num_layers=2", "--set=model.dim=16", "--set=model.hidden_dim=32", "--set=model.head_dim=8",
-        "--set=training.batch_size=4", "--set=training.eval_frequency=4", "--set=training.warmup_steps=2",
-        "--set=dataset.max_seq_len=64", "--set=sparsity.block_size=16", "--set=sparsity.density=0.2"]
+RUN = TinyRun(seed=3, steps=STEPS, dense_steps=8).replace(sets={
+    "model.mlp": '"monarch"', "model.nblocks": 2, "sparsity.s2d_fraction": 0.625, "model.num_layers": 2,
+    "training.eval_frequency": 4, "training.warmup_steps": 2, "sparsity.density": 0.2})
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +22,19 @@ def data(tmp_path_factory):
 
 
 def train(root, data, name, *extra):
-    r = subprocess.run([sys.executable, str(ROOT / "main_train.py"), *ARGS, "--data_dir", str(data), "--root",
-                        str(root), "--name", name, *extra], capture_output=True, text=True, timeout=600)
+    argv = RUN.argv(*extra, root=root, data=data, name=name)
+    r = subprocess.run([sys.executable, str(ROOT / "main_train.py"), *argv], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
 def losses(root, name):
-    return (root / "logs" / "log-3" / "lra-listops" / f"{name}.losses.tsv").read_text().splitlines()
+    return RUN.paths(root=root, name=name).losses.read_text().splitlines()
 
 
 def summary(root, name):
-    s = json.loads((root / "logs" / "log-3" / "lra-listops" / f"{name}.summary.json").read_text())
+    s = json.loads(RUN.paths(root=root, name=name).summary.read_text())
     return {k: v for k, v in s.items() if "per_sec" not in k and "memory" not in k and k != "name"}
 
 

@@ -76,20 +76,23 @@ def test_remove_deletes_this_run_only(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- command line
 
-SETS = ["model.num_layers=1", "model.dim=16", "model.hidden_dim=32", "model.head_dim=8", "training.batch_size=4",
-        "training.eval_frequency=3", "dataset.max_seq_len=64", "sparsity.block_size=16", "sparsity.density=0.25"]
-ARGS = ["--task", TASK, "--random", str(SEED), "--train_steps", "8", "--max_dense_steps", "2", "--no_progress",
-        "--backend", "torch", "--device", "cpu", *[f"--set={s}" for s in SETS]]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return small_listops(tmp_path_factory.mktemp("listops"), 24, 6, 6, seed=4)
 
 
+@pytest.fixture
+def tiny_run(tiny_run, data):
+    """This module's tiny run (in tmp_path): 'r', seed 4, 8 steps (the switch forced after 2), an evaluation every 3
+    steps, the task's warmup, on the CPU."""
+    return tiny_run.replace(task=TASK, name="r", seed=SEED, steps=8, data=data, device="cpu",
+                            sets={"training.eval_frequency": 3, "training.warmup_steps": None})
+
+
 def cli(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "main_train.py"), "--root", str(root), *args],
-                          capture_output=True, text=True, timeout=300, cwd=root)
+    """main_train.py `args` (which give --root) in the working folder `root`."""
+    return subprocess.run([sys.executable, str(ROOT / "main_train.py"), *args], capture_output=True, text=True,
+                          timeout=300, cwd=root)
 
 
 def one_line_error(r: subprocess.CompletedProcess, *parts: str) -> None:
@@ -105,20 +108,20 @@ def snapshot(root: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_resume_restores_the_configuration_and_refuses_contradictions(data, tmp_path):
-    r = cli(tmp_path, *ARGS, "--data_dir", str(data), "--name", "r", "--stop_at", "4")
+def test_resume_restores_the_configuration_and_refuses_contradictions(tiny_run, tmp_path):
+    r = cli(tmp_path, *tiny_run.argv("--stop_at", "4"))
     assert r.returncode == 0, r.stderr[-3000:]
     before = snapshot(tmp_path)
 
     # a contradicting flag: refused before anything is written, naming the key and both values
-    bare = ["--task", TASK, "--random", str(SEED), "--name", "r", "--resume", "--no_progress", "--backend", "torch"]
+    bare = tiny_run.bare("--resume", device=None)
     one_line_error(cli(tmp_path, *bare, "--train_steps", "9"),
                    "--resume: training.train_steps is 8 in the checkpoint, 9 on the command line")
     one_line_error(cli(tmp_path, *bare, "--set=model.dim=32"),
                    "--resume: model.dim is 16 in the checkpoint, 32 on the command line")
     one_line_error(cli(tmp_path, *bare, "--set=sparsity.densty=0.5"), "did you mean 'density'")
     # a new run of the same name: refused, naming what exists
-    one_line_error(cli(tmp_path, *ARGS, "--data_dir", str(data), "--name", "r"),
+    one_line_error(cli(tmp_path, *tiny_run.argv()),
                    "run 'r' already exists", "r.log", "r.last.model", "--resume", "--overwrite")
     assert snapshot(tmp_path) == before
 
@@ -126,34 +129,31 @@ def test_resume_restores_the_configuration_and_refuses_contradictions(data, tmp_
     r = cli(tmp_path, *bare, "--set=training.batch_size=4", "--set=training.checkpoint_every=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from step 4 (phase sparse)" in r.stdout  # the switch was forced at step 2
-    assert "resumed from step 4 (phase sparse)" in (tmp_path / "logs" / f"log-{SEED}" / TASK / "r.log").read_text()
-    state = load_checkpoint(tmp_path / "checkpoints" / f"checkpoints-{SEED}" / TASK / "r.last.model")
+    assert "resumed from step 4 (phase sparse)" in tiny_run.paths().text_log.read_text()
+    state = load_checkpoint(tiny_run.paths().last)
     assert state["step"] == 8 and state["config"]["model"]["dim"] == 16
     assert state["config"]["training"]["checkpoint_every"] == 2  # the one key a resumed run may change
 
 
 @pytest.mark.slow
-def test_overwrite_replaces_the_old_run_and_nothing_else(data, tmp_path):
-    log_dir = tmp_path / "logs" / f"log-{SEED}" / TASK
-    old = RunPaths.make(tmp_path, SEED, TASK, "r")
+def test_overwrite_replaces_the_old_run_and_nothing_else(tiny_run, tmp_path):
+    old = tiny_run.paths()
     for a in old.artefacts():
         _make(a)
-    other = RunPaths.make(tmp_path, SEED, TASK, "keep")
+    other = tiny_run.paths(name="keep")
     _make(other.text_log)
     before = snapshot(tmp_path)
     # bad input with --overwrite: refused, and nothing deleted
-    one_line_error(cli(tmp_path, *ARGS, "--data_dir", str(tmp_path / "missing"), "--name", "r", "--overwrite"),
-                   "does not exist")
-    one_line_error(cli(tmp_path, *ARGS, "--data_dir", str(data), "--name", "r", "--overwrite", "--resume"),
-                   "either --resume")
+    one_line_error(cli(tmp_path, *tiny_run.argv("--overwrite", data=tmp_path / "missing")), "does not exist")
+    one_line_error(cli(tmp_path, *tiny_run.argv("--overwrite", "--resume")), "either --resume")
     assert snapshot(tmp_path) == before
 
-    r = cli(tmp_path, *ARGS, "--data_dir", str(data), "--name", "r", "--overwrite")
+    r = cli(tmp_path, *tiny_run.argv("--overwrite"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "--overwrite: removed the earlier run 'r'" in r.stdout
-    assert "old" not in (log_dir / "r.log").read_text()
-    assert len((log_dir / "r.losses.tsv").read_text().splitlines()) == 8
-    events = list((log_dir / "r.tensorboard").iterdir())
+    assert "old" not in old.text_log.read_text()
+    assert len(old.losses.read_text().splitlines()) == 8
+    events = list(old.tensorboard.iterdir())
     assert len(events) == 1 and events[0].read_bytes() != b"old"  # one event file: curves do not mix
     assert load_checkpoint(old.last)["step"] == 8 and load_checkpoint(old.best)["step"] in (3, 6, 8)
     assert other.text_log.read_text() == "old"

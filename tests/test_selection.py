@@ -95,7 +95,7 @@ def test_random_pattern_is_a_seeded_random_layout_at_the_density():
         rng = torch.get_rng_state()
         scheduler._sparsify(1, model, "forced")
         assert torch.equal(torch.get_rng_state(), rng)  # the training's random stream is untouched
-        return [layer.layout.clone() for layer in model.attention_layers()]
+        return [layer.pattern.layout.clone() for layer in model.attention_layers()]
 
     a, b, c = layouts(1), layouts(1), layouts(2)
     eye = torch.eye(8, dtype=torch.bool)

@@ -8,12 +8,11 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, small_listops
+from tests.fixtures import TinyRun
 
-ARGS = ["--task", "lra-listops", "--train_steps", "10", "--max_dense_steps", "5", "--random", "4", "--no_progress",
-        "--backend", "torch", "--set=model.num_layers=2", "--set=model.dim=16", "--set=model.hidden_dim=32",
-        "--set=model.head_dim=8", "--set=training.batch_size=4", "--set=training.eval_frequency=5",
-        "--set=training.warmup_steps=2", "--set=dataset.max_seq_len=64", "--set=sparsity.block_size=8",
-        "--set=sparsity.density=0.2"]
+RUN = TinyRun(seed=4, steps=10, dense_steps=5).replace(sets={
+    "model.num_layers": 2, "training.eval_frequency": 5, "training.warmup_steps": 2, "sparsity.block_size": 8,
+    "sparsity.density": 0.2})
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +21,12 @@ def data(tmp_path_factory):
 
 
 def run(root, data, name, *extra) -> tuple[dict, list[str], str]:
-    r = subprocess.run([sys.executable, str(ROOT / "main_train.py"), *ARGS, "--data_dir", str(data), "--root",
-                        str(root), "--name", name, *extra], capture_output=True, text=True, timeout=600)
+    argv = RUN.argv(*extra, root=root, data=data, name=name)
+    r = subprocess.run([sys.executable, str(ROOT / "main_train.py"), *argv], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    logs = root / "logs" / "log-4" / "lra-listops"
-    return (json.loads((logs / f"{name}.summary.json").read_text()),
-            (logs / f"{name}.losses.tsv").read_text().splitlines(), (logs / f"{name}.log").read_text())
+    paths = RUN.paths(root=root, name=name)
+    return (json.loads(paths.summary.read_text()), paths.losses.read_text().splitlines(), paths.text_log.read_text())
 
 
 def test_recall_is_reported_and_changes_nothing(tmp_path, data):
@@ -63,10 +62,9 @@ def test_keep_diagonal_layouts_keep_every_diagonal_block(tmp_path, data, pattern
 
     s, _, _ = run(tmp_path, data, pattern, f"--set=sparsity.pattern=\"{pattern}\"", "--set=sparsity.keep_diagonal=true")
     assert s["transition_step"] == 5 and s["added_diagonal_blocks"] == 0  # no row can be left empty
-    ckpt = torch.load(tmp_path / "checkpoints" / "checkpoints-4" / "lra-listops" / f"{pattern}.last.model",
-                      map_location="cpu", weights_only=True)
+    ckpt = torch.load(RUN.paths(root=tmp_path, name=pattern).last, map_location="cpu", weights_only=True)
     state = ckpt["model"] if "model" in ckpt else ckpt
-    layouts = [v for k, v in state.items() if k.endswith("attn.layout")]
+    layouts = [v for k, v in state.items() if k.endswith("attn.pattern.layout")]
     assert len(layouts) == 2
     for layout in layouts:  # (1, nb, nb): nb = 64 / 8
         assert bool(layout[0].diagonal().all())

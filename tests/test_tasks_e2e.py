@@ -13,10 +13,11 @@ from sat.data.prepare.pathfinder import preprocess_pathfinder
 from sat.data.prepare.retrieval import preprocess_retrieval
 from sat.data.prepare.text import preprocess_text
 from tests.conftest import ROOT
-from tests.fixtures import make_aan, make_cifar, make_imdb, make_pathfinder
+from tests.fixtures import TinyRun, make_aan, make_cifar, make_imdb, make_pathfinder
 
-SMALL = ["model.num_layers=1", "model.dim=16", "model.hidden_dim=32", "model.head_dim=8", "training.batch_size=4",
-         "training.eval_frequency=10", "training.warmup_steps=2", "model.dropout=0.0"]
+# no --root (the working folder); each task's sequence length comes with its fixture
+E2E = TinyRun(name="fx", seed=7, steps=20, dense_steps=10).replace(sets={
+    "training.eval_frequency": 10, "training.warmup_steps": 2, "model.dropout": 0.0, "sparsity.density": 0.1})
 
 
 def _listops(raw, out):
@@ -63,15 +64,13 @@ def run(script, *args, cwd):
 def test_task_trains_and_evaluates(task, tmp_path):
     data = tmp_path / "data"
     n = FIXTURES[task](tmp_path / "raw", data)
-    sets = [f"--set={s}" for s in SMALL + [f"dataset.max_seq_len={n}", "sparsity.block_size=16",
-                                           "sparsity.density=0.1"]]
-    r = run("main_train.py", "--task", task, "--data_dir", str(data), "--train_steps", "20", "--max_dense_steps",
-            "10", "--random", "7", "--name", "fx", "--no_progress", "--backend", "torch", *sets, cwd=tmp_path)
+    fx = E2E.replace(task=task, data=data, sets={"dataset.max_seq_len": n})
+    r = run("main_train.py", *fx.argv(), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((tmp_path / "logs" / "log-7" / task / "fx.summary.json").read_text())
+    summary = json.loads(fx.paths(root=tmp_path).summary.read_text())
     assert summary["steps"] == 20 and summary["transition_step"] == 10 and summary["transition_reason"] == "forced"
     assert 0.0 <= summary["test_accuracy"] <= 1.0
-    assert (tmp_path / "checkpoints" / "checkpoints-7" / task / "fx.model").is_file()
+    assert fx.paths(root=tmp_path).best.is_file()
     e = run("main_inference.py", "--mode", "eval", "--task", task, "--random", "7", "--name", "fx", cwd=tmp_path)
     assert e.returncode == 0, e.stderr[-3000:]
     out = json.loads(e.stdout.strip().splitlines()[-1])

@@ -1,9 +1,9 @@
 """The Triton kernels compiled for sm_80 and sm_90 without a GPU, as training launches them (docs/gpu.md).
 
-The launches are recorded from an attention layer's forward and backward (sat.kernels.warmup) and built by
+The launches are recorded from an attention layer's forward and backward (sat/compile_report.py) and built by
 the kernels' own launcher for the target (sat.kernels.triton_compile): the runtime's constants (stride 1,
 per-head flag 1) and divisibility hints, the launch options. A few binaries stand for the full table that
-`python -m sat.kernels.warmup --report` writes to bench/results: the ones that used to spill, and the
+`python -m sat.warmup --report` writes to bench/results: the ones that used to spill, and the
 Hopper tiles for blocks of 32.
 """
 
@@ -18,8 +18,10 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="compiles the real kernels; the interpreter replaces them")
 triton = pytest.importorskip("triton")
 
+from sat.compile_report import record_training_launches  # noqa: E402
 from sat.kernels.triton_compile import Binary, compile_launch, launch_key, ptxas_report  # noqa: E402
-from sat.kernels.warmup import Shape, fp32_precision, record_training_launches  # noqa: E402
+from sat.kernels.triton_support import fp32_precision  # noqa: E402
+from sat.warmup import Shape  # noqa: E402
 
 VIT_S = Shape("vit-s", 224, 6, 64, 32, 0.1)
 LISTOPS = Shape("lra-listops", 2048, 2, 32, 64, 0.04)

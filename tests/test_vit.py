@@ -20,7 +20,7 @@ from sat.models.monarch import MonarchLinear
 from sat.models.vit import ViT
 from sat.sparsity.scheduler import TransitionScheduler
 from tests.conftest import ROOT
-from tests.fixtures import CLASSES, make_image_folder
+from tests.fixtures import CLASSES, TinyRun, make_image_folder
 
 TASK = "imagenet-vit-ti"
 
@@ -134,8 +134,9 @@ def _label_order(stream, n):
 
 
 def test_image_stream_shards_and_resumes_at_the_batch(image_data):
+    from sat.data.image_folder import ImageFolderDataset
     from sat.data.image_stream import ImageTrainStream
-    from sat.data.imagenet import ImageFolderDataset, eval_transform
+    from sat.data.image_transforms import eval_transform
 
     ds = ImageFolderDataset(image_data, "train", eval_transform(16))  # deterministic pixels
     full = ImageTrainStream(ds, 4, num_workers=0, seed=3)
@@ -165,8 +166,9 @@ def image_data(tmp_path_factory):
 
 
 STEPS, FORCED = 30, 10
-COMMON = ["--task", TASK, "--preset", "tiny", "--random", "5", "--no_progress", "--backend", "torch",
-          "--device", "cpu", "--max_dense_steps", str(FORCED), "--amp", "off"]
+# the preset's model, no --train_steps (each test says how long), no --root (the working folder)
+VIT = TinyRun(task=TASK, steps=None, dense_steps=FORCED, device="cpu",
+              flags=("--preset", "tiny", *TinyRun.flags, "--amp", "off"), sets={})
 
 
 def run(args, cwd, launcher=(sys.executable,)):
@@ -175,7 +177,7 @@ def run(args, cwd, launcher=(sys.executable,)):
 
 
 def summary(root, name):
-    return json.loads((root / "logs" / "log-5" / TASK / f"{name}.summary.json").read_text())
+    return json.loads(VIT.paths(root=root, name=name).summary.read_text())
 
 
 def evaluate_saved(root, name, which):
@@ -189,15 +191,14 @@ def evaluate_saved(root, name, which):
 def test_vit_trains_with_both_transitions_and_evaluates(tmp_path, image_data):
     # 48 images / batch 8 = 6 steps per epoch: --epochs 5 -> 30 steps. The monitor's criteria do not fire on
     # a model this small (the zero pad columns keep the maps' skewness negative), so the switch is forced.
-    r = run([str(ROOT / "main_train.py"), *COMMON, "--epochs", "5", "--data_dir", str(image_data),
-             "--name", "vit"], cwd=tmp_path)
+    r = run([str(ROOT / "main_train.py"), *VIT.argv("--epochs", "5", data=image_data, name="vit")], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = summary(tmp_path, "vit")
     assert s["steps"] == STEPS and s["transition_step"] == FORCED and s["transition_reason"] == "forced"
     assert s["densify_step"] == int(0.7 * STEPS)
     assert 0.0 <= s["test_accuracy"] <= s["test_top5"] <= 1.0 and 0.0 <= s["dev_top5"] <= 1.0
     assert s["seq_len"] == 24 and s["world_size"] == 1
-    log = (tmp_path / "logs" / "log-5" / TASK / "vit.log").read_text()
+    log = VIT.paths(root=tmp_path, name="vit").text_log.read_text()
     assert re.search(r"step 21: MLPs densified \(S2D\): 4 Monarch layers -> dense; "
                      r"parameters \d+ -> \d+", log)
     best = evaluate_saved(tmp_path, "vit", "best")
@@ -211,14 +212,14 @@ def test_vit_trains_with_both_transitions_and_evaluates(tmp_path, image_data):
 def test_vit_resume_at_an_epoch_boundary_is_exact(tmp_path, image_data):
     # Resume continues the sample order at the batch; augmentation streams restart per epoch, so a resume at
     # an epoch boundary (12 = 2 epochs, between the switch and the densify) reproduces the losses exactly.
-    args = [str(ROOT / "main_train.py"), *COMMON, "--train_steps", str(STEPS), "--data_dir", str(image_data),
-            "--set=training.eval_frequency=6"]
-    assert run([*args, "--name", "full"], cwd=tmp_path).returncode == 0
-    r = run([*args, "--name", "cut", "--stop_at", "12"], cwd=tmp_path)
+    vit = VIT.replace(steps=STEPS, data=image_data, sets={"training.eval_frequency": 6})
+    main_train = str(ROOT / "main_train.py")
+    assert run([main_train, *vit.argv(name="full")], cwd=tmp_path).returncode == 0
+    r = run([main_train, *vit.argv("--stop_at", "12", name="cut")], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run([*args, "--name", "cut", "--resume"], cwd=tmp_path)
+    r = run([main_train, *vit.argv("--resume", name="cut")], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    losses = [(tmp_path / "logs" / "log-5" / TASK / f"{n}.losses.tsv").read_text() for n in ("full", "cut")]
+    losses = [vit.paths(root=tmp_path, name=n).losses.read_text() for n in ("full", "cut")]
     assert losses[0] == losses[1] and len(losses[0].splitlines()) == STEPS
     a, b = summary(tmp_path, "full"), summary(tmp_path, "cut")
     for key in ("transition_step", "densify_step", "test_accuracy", "test_top5", "best_step"):
@@ -228,8 +229,8 @@ def test_vit_resume_at_an_epoch_boundary_is_exact(tmp_path, image_data):
 @pytest.mark.slow
 def test_vit_two_ranks_switch_at_the_same_step(tmp_path, image_data):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    r = run([str(ROOT / "main_train.py"), *COMMON, "--train_steps", str(STEPS), "--data_dir", str(image_data),
-             "--name", "ddp"], cwd=tmp_path, launcher=launcher)
+    r = run([str(ROOT / "main_train.py"), *VIT.argv(steps=STEPS, data=image_data, name="ddp")], cwd=tmp_path,
+            launcher=launcher)
     assert r.returncode == 0, r.stderr[-5000:]
     steps = {}
     for rank, kind, step in re.findall(r"rank (\d)/2: (sparsify|densify) at step (\d+)", r.stderr):
@@ -238,7 +239,7 @@ def test_vit_two_ranks_switch_at_the_same_step(tmp_path, image_data):
     s = summary(tmp_path, "ddp")
     assert s["world_size"] == 2 and s["global_batch_size"] == 16
     assert s["transition_step"] == FORCED and s["densify_step"] == 21 and s["steps"] == STEPS
-    assert len(list((tmp_path / "logs" / "log-5" / TASK).glob("ddp.log"))) == 1  # rank 0 alone writes
+    assert len(list(VIT.paths(root=tmp_path).log_dir.glob("ddp.log"))) == 1  # rank 0 alone writes
     last = evaluate_saved(tmp_path, "ddp", "last")
     assert last["checkpoint_step"] == STEPS and last["attention"] == "block-sparse"
     assert 0.0 <= last["accuracy"] <= last["top5"] <= 1.0

@@ -22,12 +22,12 @@ from sat.config import ConfigError, load_config
 from sat.data.batch import Batch
 from sat.data.format import DataError
 from sat.data.idx_images import MEAN, STD
-from sat.data.imagenet import IMAGENET_MEAN, eval_transform, to_normalized_tensor, train_transform
+from sat.data.image_transforms import IMAGENET_MEAN, eval_transform, to_normalized_tensor, train_transform
 from sat.data.loading import default_data_dir, load_task_data, make_mixer, resolve_for_data
 from sat.data.prepare import fashion_mnist as fm
 from sat.models.vit import ViT
 from tests.conftest import ROOT
-from tests.fixtures import make_image_folder, nothing_written, refused
+from tests.fixtures import TinyRun, make_image_folder, nothing_written, refused
 from tests.test_fashion_mnist import make_release
 
 TASK = "imagenet-vit-ti"
@@ -147,11 +147,10 @@ def test_the_preset() -> None:
 
 # ------------------------------------------------------------------------------------------------ end to end
 
-SMALL = ["--task", TASK, "--preset", "fashion", "--random", "5", "--no_progress", "--backend", "torch",
-         "--device", "cpu", "--train_steps", "4", "--max_dense_steps", "2", "--set=model.num_layers=1",
-         "--set=model.dim=16", "--set=model.hidden_dim=64", "--set=model.head_dim=8",
-         "--set=training.batch_size=4", "--set=training.eval_frequency=2", "--set=training.warmup_steps=1",
-         "--set=training.mixup=0.8", "--set=training.cutmix=1.0"]
+# the tiny run on the preset's sequences and blocks, with Mixup and CutMix, no --name
+FASHION = TinyRun(task=TASK, name=None, device="cpu", flags=("--preset", "fashion", *TinyRun.flags)).replace(sets={
+    "model.hidden_dim": 64, "training.mixup": 0.8, "training.cutmix": 1.0, "dataset.max_seq_len": None,
+    "sparsity.block_size": None, "sparsity.density": None})
 
 
 def run(script: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -163,14 +162,15 @@ def run(script: str, *args: str, cwd: Path, env: dict | None = None) -> subproce
 @pytest.mark.slow
 def test_preset_trains_switches_densifies_and_evaluates(release, tmp_path: Path) -> None:
     folder, _ = release
-    args = [*SMALL, "--root", str(tmp_path), "--data_dir", str(folder), "--name", "fm"]
+    fm_run = FASHION.replace(root=tmp_path, data=folder, name="fm")
+    args = fm_run.argv()
     r = run("main_train.py", *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "task imagenet-vit-ti on fashion-mnist:" in r.stdout
-    summary = json.loads((tmp_path / "logs" / "log-5" / TASK / "fm.summary.json").read_text())
+    summary = json.loads(fm_run.paths().summary.read_text())
     assert summary["dataset"] == "fashion-mnist" and summary["steps"] == 4 and summary["seq_len"] == 224
     assert (summary["transition_step"], summary["transition_reason"], summary["densify_step"]) == (2, "forced", 2)
-    state = load_checkpoint(tmp_path / "checkpoints" / "checkpoints-5" / TASK / "fm.model")
+    state = load_checkpoint(fm_run.paths().best)
     assert state["config"]["dataset"]["channels"] == 1 and state["config"]["dataset"]["num_classes"] == 10
     for split, examples in (("test", N_TEST), ("train", 36)):  # the same flags evaluate the saved run
         e = run("main_inference.py", *args, "--split", split, cwd=tmp_path)
@@ -189,14 +189,14 @@ def test_a_wrong_file_is_one_line_and_nothing_written(tmp_path: Path, case: str,
         images.write_bytes((raw / "train-labels-idx1-ubyte.gz").read_bytes())
     else:
         images.write_bytes(gzip.compress(gzip.decompress(images.read_bytes())[:-100]))
-    r = run("main_train.py", *SMALL, "--root", str(tmp_path), "--data_dir", str(raw), cwd=tmp_path)
+    r = run("main_train.py", *FASHION.argv(root=tmp_path, data=raw), cwd=tmp_path)
     refused(r, match)
     nothing_written(tmp_path)
 
 
 def test_without_the_package_says_how_to_install(tmp_path: Path) -> None:
     env = {"PATH": str(Path(sys.executable).parent)}  # no dpkg on the path: as if not installed
-    r = run("main_train.py", *SMALL, "--root", str(tmp_path), cwd=tmp_path, env=env)
+    r = run("main_train.py", *FASHION.argv(root=tmp_path), cwd=tmp_path, env=env)
     refused(r, "apt-get install -y dataset-fashion-mnist")
     assert "--data_dir DIR for main_train.py" in r.stderr
     nothing_written(tmp_path)

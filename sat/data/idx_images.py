@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sat.data.imagenet import eval_transform, train_transform
+from sat.data.image_transforms import eval_transform, train_transform
 from sat.data.prepare.fashion_mnist import CLASSES, read_splits, release_files
 
 NAME = "fashion-mnist"  # the log's and summary.json's "dataset"

@@ -1,8 +1,8 @@
 """Image-folder batches for the training loop, as `Batch` objects like the LRA loaders give.
 
 `ImageTrainStream`: endless training batches of one rank. Every epoch builds a DataLoader (workers, seeded
-augmentation, sat.data.imagenet) over this rank's shard of a `DistributedSampler` (shuffled from the run's
-seed and the epoch number; with one process the "shard" is the whole set). Resume: the state is (epoch,
+augmentation, sat/data/image_transforms.py) over this rank's shard of a `DistributedSampler` (shuffled from the
+run's seed and the epoch number; with one process the "shard" is the whole set). Resume: the state is (epoch,
 batches taken in it); a resumed run rebuilds that epoch's permutation and skips the batches already taken,
 so the sample order continues at the batch. The workers' augmentation streams restart from (seed, epoch,
 rank), so the crops/flips of the rest of that epoch differ from the uninterrupted run's: resume is exact in
@@ -20,7 +20,9 @@ import itertools
 from torch.utils.data import DistributedSampler, Sampler, Subset
 
 from sat.data.batch import Batch
-from sat.data.imagenet import EvalTransform, ImageFolderDataset, build_loader, eval_transform
+from sat.data.image_folder import ImageFolderDataset
+from sat.data.image_loader import build_loader
+from sat.data.image_transforms import EvalTransform, eval_transform
 
 
 class _SkipSampler(Sampler):

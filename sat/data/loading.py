@@ -212,16 +212,17 @@ def dataset_name(meta: dict, data_dir: Path) -> str:
 def image_channels(cfg: TaskConfig) -> int:
     """Channels of the images an image task reads: 1 for Fashion-MNIST's grayscale release, 3 for image folders
     (every file is decoded as RGB)."""
-    from sat.data import idx_images, imagenet
+    from sat.data import idx_images, image_folder
 
-    return idx_images.CHANNELS if cfg.dataset.source else imagenet.CHANNELS
+    return idx_images.CHANNELS if cfg.dataset.source else image_folder.CHANNELS
 
 
 def _image_folder_splits(cfg: TaskConfig, data_dir: Path, need_train: bool) -> dict:
     """{data_dir}/train and {data_dir}/val class folders (ImageNet's layout); dev = val, and test = an
     optional {data_dir}/test folder, else val again (ImageNet's test labels are not public). Class ids are
     the positions of the train split's sorted class folder names."""
-    from sat.data.imagenet import ImageFolderDataset, eval_transform, list_classes, train_transform
+    from sat.data.image_folder import ImageFolderDataset, list_classes
+    from sat.data.image_transforms import eval_transform, train_transform
 
     d = cfg.dataset
     splits = {}
@@ -291,7 +292,7 @@ def make_mixer(cfg: TaskConfig, seed: int):
     t = cfg.training
     if t.mixup == 0 and t.cutmix == 0:
         return None
-    from sat.data.imagenet import Mixup
+    from sat.data.mixup import Mixup
 
     return Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
                  num_classes=cfg.dataset.num_classes, seed=seed)

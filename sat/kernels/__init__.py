@@ -32,11 +32,13 @@ def block_sparse_attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    check_layout(q, layout, block_size)
-    layout = layout.to(device=q.device, dtype=torch.bool)
     if backend in ("auto", "triton"):
-        B, H, _, D = q.shape
-        backend = check_backend(backend, q.dtype, block_size, D, B, q.device, heads=H)
+        if q.dim() == 4:  # else check_layout below says what is wrong
+            B, H, _, D = q.shape
+            backend = check_backend(backend, q.dtype, block_size, D, B, q.device, heads=H)
+    if backend != "triton":  # the Triton entry checks its inputs, the layout among them
+        check_layout(q, layout, block_size)
+    layout = layout.to(device=q.device, dtype=torch.bool)
     if backend == "reference":
         return reference_attention(q, k, v, layout, block_size, key_padding_mask)
     if backend == "torch":

@@ -10,7 +10,7 @@ again to accumulate dQ. `_BlockSparseAttention` wraps the four kernels; referenc
 A program's tile may cover GROUP > 1 consecutive layout blocks (sat.kernels.triton_support.launch_config:
 64-row tiles for wgmma on Hopper with blocks of 32). Its lookup-table row is then the union of those blocks'
 rows, and each entry carries one bit per block of the group; rows whose block lacks the entry are masked.
-Every entry is `block index * 16 + bits`.
+Every entry is `block index * BITS + bits` (BITS = `_BITS`, a compile-time constant of the kernels).
 
 Shapes reach the kernels as runtime arguments and strides; only tile sizes, the head dimension, the dtype,
 the dot precision and whether there is a padding mask are compile-time constants. Launches go through
@@ -41,36 +41,58 @@ from sat.kernels.triton_support import (
 )
 
 _LOG2E = 1.4426950408889634
-_BITS = 16  # lookup-table entries are block * 16 + one bit per block of the program's group (the kernels
-_MAX_GROUP = 4  # divide by the literal 16), so a group has at most 4 blocks
+_BITS = 16  # lookup-table entries are block * _BITS + one bit per block of the program's group,
+_MAX_GROUP = 4  # so a group has at most 4 blocks (bits below _BITS)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
 
 
 @triton.jit
+def _lut_step(lut_row, j, sub, BLOCK_SIZE: tl.constexpr, STEP: tl.constexpr, BITS: tl.constexpr):
+    """Step j of a walk along a lookup-table row: its STEP offsets (sub-tile j % SUBS of the (j // SUBS)-th
+    listed block, SUBS = BLOCK_SIZE // STEP) and, per program row, 1 if the row's own layout block (sub: its
+    place in the group) has the listed block, else 0."""
+    entry = tl.load(lut_row + j // (BLOCK_SIZE // STEP))
+    offs = (entry // BITS) * BLOCK_SIZE + (j % (BLOCK_SIZE // STEP)) * STEP + tl.arange(0, STEP)
+    on = ((entry % BITS) >> sub) & 1
+    return offs, on
+
+
+@triton.jit
+def _mask_scores(s, on, keep, GROUP: tl.constexpr, HAS_PAD: tl.constexpr):
+    """s (ROWS, STEP) with -inf where the program row is off (`_lut_step`: a group's table row is the union of
+    its blocks' rows) or the key is padding. keep: pointers to the padding flags (0: pad) of the step's keys
+    (forward, dQ), or the flags of the program's rows as bool (dK/dV: the rows are the keys); unused without
+    padding."""
+    if GROUP > 1:
+        s = tl.where(on[:, None] != 0, s, float("-inf"))
+    if HAS_PAD:
+        if keep.dtype.is_ptr():
+            keep = tl.load(keep)[None, :] != 0  # here, not before the group mask: that costs sm_90 registers
+        else:
+            keep = keep[:, None]
+        s = tl.where(keep, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, lut_row, n_iters, sub,
                     stride_kn, stride_vn, stride_kpmn, qk_scale,
                     BLOCK_SIZE: tl.constexpr, STEP: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr, DOT_PREC: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BITS: tl.constexpr):
     """Online softmax over the active key tiles of one query tile; scores are in log2 units."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM  # head dims that are not a power of two are padded with zeros
     for j in range(0, n_iters):
-        # step j is sub-tile (j % SUBS) of the (j // SUBS)-th active key block, SUBS = BLOCK_SIZE // STEP
-        entry = tl.load(lut_row + j // (BLOCK_SIZE // STEP))
-        offs_n = (entry // 16) * BLOCK_SIZE + (j % (BLOCK_SIZE // STEP)) * STEP + tl.arange(0, STEP)
+        offs_n, row_on = _lut_step(lut_row, j, sub, BLOCK_SIZE, STEP, BITS)
         kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
                      mask=d_ok[:, None], other=0.0)  # (BLOCK_D, STEP)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
                     mask=d_ok[None, :], other=0.0)  # (STEP, BLOCK_D)
         qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale  # (ROWS, STEP)
-        if GROUP > 1:  # rows of the group whose own layout row lacks this key block
-            row_on = ((entry % 16) >> sub) & 1
-            qk = tl.where(row_on[:, None] != 0, qk, float("-inf"))
-        if HAS_PAD:
-            keep = tl.load(kpm_base + offs_n * stride_kpmn)  # (STEP,)
-            qk = tl.where(keep[None, :] != 0, qk, float("-inf"))
+        qk = _mask_scores(qk, row_on, kpm_base + offs_n * stride_kpmn, GROUP, HAS_PAD)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no allowed key so far
         p = tl.exp2(qk - m_safe[:, None])  # (ROWS, STEP), 0 at masked keys
@@ -90,7 +112,8 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, LUT_CNT, LUT_IDX,
               stride_kpmb, stride_kpmn,
               lut_per_head, H, N, NB, NR, qk_scale,
               BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, STEP: tl.constexpr, GROUP: tl.constexpr,
-              BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr, DOT_PREC: tl.constexpr):
+              BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+              BITS: tl.constexpr):
     """O and the base-2 log-sum-exp of one (query tile, head, batch row).
 
     NB: layout blocks per side (the width of a lookup-table row); NR: lookup-table rows per head."""
@@ -114,7 +137,7 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, LUT_CNT, LUT_IDX,
         acc, l_i, m_i, q, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
         KPM + b * stride_kpmb, LUT_IDX + lut_r.to(tl.int64) * NB, n_iters, sub,
         stride_kn, stride_vn, stride_kpmn, qk_scale,
-        BLOCK_SIZE, STEP, GROUP, BLOCK_D, HEAD_DIM, HAS_PAD, DOT_PREC)
+        BLOCK_SIZE, STEP, GROUP, BLOCK_D, HEAD_DIM, HAS_PAD, DOT_PREC, BITS)
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -157,7 +180,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, LUT_CNT, LUT_IDX,
                    lut_per_head, H, N, NB, NR, sm_scale, qk_scale,
                    BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, STEP: tl.constexpr, GROUP: tl.constexpr,
                    BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
+                   DOT_PREC: tl.constexpr, BITS: tl.constexpr):
     """dK and dV of one key tile, walking the active query blocks of its key-block column.
 
     dK and dV share one layout of strides (both are allocated by the wrapper).
@@ -179,7 +202,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, LUT_CNT, LUT_IDX,
                 mask=kv_mask, other=0.0)  # (ROWS, BLOCK_D)
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
                 mask=kv_mask, other=0.0)  # (ROWS, BLOCK_D)
-    if HAS_PAD:
+    keep = None  # read only with padding
+    if HAS_PAD:  # the keys are this program's rows: their flags are loaded once
         keep = tl.load(KPM + b * stride_kpmb + offs_n * stride_kpmn, mask=n_ok, other=0) != 0  # (ROWS,)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
@@ -187,8 +211,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, LUT_CNT, LUT_IDX,
     dk = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for j in range(0, n_iters):
-        entry = tl.load(lut_row + j // (BLOCK_SIZE // STEP))
-        offs_m = (entry // 16) * BLOCK_SIZE + (j % (BLOCK_SIZE // STEP)) * STEP + tl.arange(0, STEP)
+        offs_m, col_on = _lut_step(lut_row, j, sub, BLOCK_SIZE, STEP, BITS)
         qT = tl.load(q_base + offs_m[None, :] * stride_qn + offs_d[:, None],
                      mask=d_ok[:, None], other=0.0)  # (BLOCK_D, STEP)
         do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :],
@@ -196,11 +219,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, LUT_CNT, LUT_IDX,
         lse = tl.load(LSE + row_base + offs_m)  # (STEP,)
         delta = tl.load(DELTA + row_base + offs_m)  # (STEP,)
         qkT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale  # (ROWS, STEP)
-        if GROUP > 1:  # key rows whose own layout column lacks this query block
-            col_on = ((entry % 16) >> sub) & 1
-            qkT = tl.where(col_on[:, None] != 0, qkT, float("-inf"))
-        if HAS_PAD:
-            qkT = tl.where(keep[:, None], qkT, float("-inf"))
+        qkT = _mask_scores(qkT, col_on, keep, GROUP, HAS_PAD)
         pT = tl.exp2(qkT - lse[None, :])  # P^T, exact probabilities
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (ROWS, STEP)
@@ -223,7 +242,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, LUT_CNT, LUT_IDX,
                  lut_per_head, H, N, NB, NR, sm_scale, qk_scale,
                  BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, STEP: tl.constexpr, GROUP: tl.constexpr,
                  BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+                 DOT_PREC: tl.constexpr, BITS: tl.constexpr):
     """dQ of one query tile, walking the active key blocks of its query-block row."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -249,19 +268,13 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, LUT_CNT, LUT_IDX,
     kpm_base = KPM + b * stride_kpmb
     dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for j in range(0, n_iters):
-        entry = tl.load(lut_row + j // (BLOCK_SIZE // STEP))
-        offs_n = (entry // 16) * BLOCK_SIZE + (j % (BLOCK_SIZE // STEP)) * STEP + tl.arange(0, STEP)
+        offs_n, row_on = _lut_step(lut_row, j, sub, BLOCK_SIZE, STEP, BITS)
         kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
                      mask=d_ok[:, None], other=0.0)  # (BLOCK_D, STEP)
         vT = tl.load(v_base + offs_n[None, :] * stride_vn + offs_d[:, None],
                      mask=d_ok[:, None], other=0.0)  # (BLOCK_D, STEP)
         qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale  # (ROWS, STEP)
-        if GROUP > 1:
-            row_on = ((entry % 16) >> sub) & 1
-            qk = tl.where(row_on[:, None] != 0, qk, float("-inf"))
-        if HAS_PAD:
-            keep = tl.load(kpm_base + offs_n * stride_kpmn)
-            qk = tl.where(keep[None, :] != 0, qk, float("-inf"))
+        qk = _mask_scores(qk, row_on, kpm_base + offs_n * stride_kpmn, GROUP, HAS_PAD)
         p = tl.exp2(qk - lse[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PREC)  # (ROWS, STEP)
         ds = p * (dp - delta[:, None])
@@ -279,7 +292,7 @@ class LookupTables:
     """Active blocks per layout row (or per group of `group` consecutive rows), built once per layout.
 
     fwd_cnt (Hl, nr) int32: active key blocks of each query-block row (group: of any row of the group);
-    fwd_idx (Hl, nr, nb) int32: their entries `key block * 16 + bits`, ascending, in the first fwd_cnt places,
+    fwd_idx (Hl, nr, nb) int32: their entries `key block * _BITS + bits`, ascending, in the first fwd_cnt places,
     bit g set when row g of the group has that block (bit 0 only, for group 1). bwd_cnt / bwd_idx: the same
     for the transposed layout (active query blocks of each key-block column). Hl is 1 for a layout shared by
     all heads; nr = ceil(nb / group).
@@ -429,7 +442,7 @@ _OPTIONS = {"enable_fp_fusion": True}
 
 def _consts(cfg: LaunchConfig, has_pad: bool) -> dict:
     return dict(BLOCK_SIZE=cfg.block_size, ROWS=cfg.rows, STEP=cfg.step, GROUP=cfg.group, BLOCK_D=cfg.block_d,
-                HEAD_DIM=cfg.head_dim, HAS_PAD=has_pad, DOT_PREC=cfg.dot_prec,
+                HEAD_DIM=cfg.head_dim, HAS_PAD=has_pad, DOT_PREC=cfg.dot_prec, BITS=_BITS,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_OPTIONS)
 
 

@@ -7,14 +7,18 @@ and without an import cycle. docs/gpu.md describes the dispatch and the fp32 pre
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from sat.shapes import layout_shape_problem
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -30,16 +34,13 @@ RECORDING: contextvars.ContextVar[bool] = contextvars.ContextVar("sat_kernels_re
 
 
 def check_layout(q: torch.Tensor, layout: torch.Tensor, block_size: int) -> None:
-    """Raise ValueError with a clear message when shapes do not fit together."""
+    """Raise ValueError with a clear message when shapes do not fit together (the rule: sat/shapes.py)."""
     if q.dim() != 4:
         raise ValueError(f"q must be (B, H, N, D), got shape {tuple(q.shape)}")
-    B, H, N, D = q.shape
-    if block_size <= 0 or N % block_size != 0:
-        raise ValueError(f"sequence length {N} is not a multiple of block_size {block_size}: pad it first")
-    nb = N // block_size
-    if layout.dim() != 3 or layout.shape[1:] != (nb, nb) or layout.shape[0] not in (1, H):
-        raise ValueError(f"layout must be (1 or {H}, {nb}, {nb}) for N={N}, block {block_size}; "
-                         f"got {tuple(layout.shape)}")
+    _, H, N, _ = q.shape
+    problem = layout_shape_problem(tuple(layout.shape), H, N, block_size)
+    if problem:
+        raise ValueError(problem)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -125,6 +126,37 @@ def check_backend(backend: str, dtype: torch.dtype, block_size: int, head_dim: i
 
 # ---------------------------------------------------------------------------------------- precision policy
 
+# name -> (input dtype, fp32 matmul precision PyTorch is set to): "fp32" exact, "tf32" with TF32 allowed
+DTYPES: dict[str, tuple[torch.dtype, str]] = {
+    "bf16": (torch.bfloat16, "ieee"), "fp16": (torch.float16, "ieee"),
+    "fp32": (torch.float32, "ieee"), "tf32": (torch.float32, "tf32"),
+}
+# Largest difference from the reference (sat.kernels.reference, fp32 math) the kernels may show, per input:
+# 16-bit inputs, fp32 with TF32 dots (10 mantissa bits: about 1e-3 here, tests/test_blocksparse_triton.py
+# emulates it), exact fp32.
+TOLERANCE = {"bf16": 2e-2, "fp16": 2e-2, "tf32": 3e-3, "fp32": 1e-4}
+
+
+@contextlib.contextmanager
+def fp32_precision(value: str) -> Iterator[None]:
+    """PyTorch's fp32 matmul precision on CUDA ("ieee" or "tf32") within the block, restored after."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = value
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+def random_layout(heads: int, nb: int, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Top-k style layout: the diagonal plus random blocks, about `density` of each row. (heads, nb, nb)."""
+    k = max(1, round(density * nb))
+    scores = torch.rand(heads, nb, nb, generator=generator) + 2 * torch.eye(nb)  # diagonal always kept
+    idx = scores.topk(k, dim=-1).indices
+    return torch.zeros(heads, nb, nb, dtype=torch.bool).scatter_(-1, idx, True)
+
+
 
 def fp32_matmul_precision() -> str:
     """"tf32" when PyTorch's own setting lets fp32 matmuls on CUDA use TF32 tensor cores, else "ieee".
@@ -177,7 +209,7 @@ def launch_config(block_size: int, head_dim: int, dtype: torch.dtype, capability
                   fp32_precision: str = "ieee") -> LaunchConfig:
     """Tiles, warps and stages for a GPU of compute `capability` (major, minor).
 
-    Chosen from the compiled binaries (python -m sat.kernels.warmup --report, kept in bench/results): no
+    Chosen from the compiled binaries (python -m sat.warmup --report, kept in bench/results): no
     register spills, and shared memory within each target's limit, for the configured shapes.
       * 16-bit and TF32 inputs: programs of at most 64 rows (a 128 block is walked in 64-row steps). On Hopper
         (sm_90) a program covers 64 rows even for blocks of 32 or 16 (two or four layout blocks) so that its

@@ -1,8 +1,8 @@
-"""Model dropout: nn.Dropout's semantics, with sat.kernels.dense's one-byte masks on a CPU.
+"""Model dropout: nn.Dropout's semantics, with sat/kernels/dropout_mask.py's one-byte masks on a CPU.
 
 F.dropout on a CPU keeps a float mask per element for the backward; `keep_mask` draws the same Bernoulli
-keep decisions (p rounded to a multiple of 2^-16, see sat/kernels/dense.py) into one byte each, a quarter of
-the memory. On CUDA, F.dropout's fused kernel keeps a byte mask already and is used as is.
+keep decisions (p rounded to a multiple of 2^-16) into one byte each, a quarter of the memory. On CUDA,
+F.dropout's fused kernel keeps a byte mask already and is used as is.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sat.kernels.dense import keep_mask, keep_mask_scale
+from sat.kernels.dropout_mask import keep_mask, keep_mask_scale
 
 
 class _MaskedScale(torch.autograd.Function):

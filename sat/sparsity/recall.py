@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from sat.models.attention import Attention
+from sat.shapes import num_blocks
 from sat.sparsity.pattern import ranked_blocks
 
 RECALL_DENSITIES = (0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)  # the curve's points
@@ -32,9 +33,9 @@ def block_mass(probs: torch.Tensor, key_padding_mask: torch.Tensor | None, block
     several batches to accumulate over them.
     """
     B, H, N, M = probs.shape
-    if N != M or N % block_size:
-        raise ValueError(f"probs must be (B, H, N, N) with N a multiple of {block_size}, got {tuple(probs.shape)}")
-    nb = N // block_size
+    if N != M:
+        raise ValueError(f"probs must be (B, H, N, N), got {tuple(probs.shape)}")
+    nb = num_blocks(N, block_size)
     mass = torch.zeros(H, nb, nb, dtype=torch.float64, device=probs.device)
     for b in range(B):  # one float64 copy of one element's maps at a time
         p = probs[b].detach().to(torch.float64, copy=True)  # (H, N, N)

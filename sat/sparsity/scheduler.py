@@ -96,19 +96,19 @@ class TransitionScheduler:
             self.added_diagonal = sum(layer.sparsify(c.density, keep_diagonal=c.keep_diagonal, selection=c.selection)
                                       for layer in layers)
         for layer in layers:
-            distributed.broadcast_(layer.layout)  # under torchrun every rank takes rank 0's layouts
-        per_layer = [float(layer.layout.float().mean()) for layer in layers]
-        active = sum(int(layer.layout.sum()) for layer in layers)
-        total = sum(layer.layout.numel() for layer in layers)
+            distributed.broadcast_(layer.pattern.layout)  # under torchrun every rank takes rank 0's layouts
+        per_layer = [float(layer.pattern.layout.float().mean()) for layer in layers]
+        active = sum(int(layer.pattern.layout.sum()) for layer in layers)
+        total = sum(layer.pattern.layout.numel() for layer in layers)
         self.density_used = active / total
         self.transition_step, self.transition_reason = step, reason
         self.lr_scale = c.lr_scale_after_transition
         details = {"added_diagonal": self.added_diagonal, "density_used": self.density_used,
-                   "density_per_layer": per_layer, "layouts": [layer.layout.cpu() for layer in layers],
-                   "added_blocks": [layer.added_blocks for layer in layers]}  # rank 0's, like the layouts
+                   "density_per_layer": per_layer, "layouts": [layer.pattern.layout.cpu() for layer in layers],
+                   "added_blocks": [layer.pattern.added_blocks for layer in layers]}  # rank 0's, like the layouts
         if masses is not None:
-            layer_recall = [recall_summary(m, layer.layout.cpu(), c.per_head) for m, layer in zip(masses, layers,
-                                                                                                   strict=True)]
+            layer_recall = [recall_summary(m, layer.pattern.layout.cpu(), c.per_head)
+                            for m, layer in zip(masses, layers, strict=True)]
             values = [r["recall"] for r in layer_recall if r["recall"] is not None]
             self.layout_recall = {"mean": sum(values) / len(values) if values else None, "layers": layer_recall,
                                   "density_per_layer": per_layer}
@@ -136,5 +136,5 @@ def _draw_random_importance(layers) -> None:
     and the layer's index, without touching the training's random stream."""
     for i, layer in enumerate(layers):
         g = torch.Generator().manual_seed((torch.initial_seed() * 1000 + i) % 2**63)
-        noise = torch.rand(layer.pattern_mean.shape, generator=g)
-        layer.pattern_mean.copy_(noise.to(layer.pattern_mean.device))
+        noise = torch.rand(layer.pattern.mean.shape, generator=g)
+        layer.pattern.mean.copy_(noise.to(layer.pattern.mean.device))

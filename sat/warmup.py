@@ -1,8 +1,8 @@
 """Compile and warm the Triton block-sparse attention kernels for the configured task shapes (compile.sh).
 
-    python -m sat.kernels.warmup                          # CUDA: build forward + backward for every shape
-    python -m sat.kernels.warmup --report --out FILE      # any machine: build for sm_80 and sm_90, report
-    TRITON_INTERPRET=1 python -m sat.kernels.warmup --smoke  # any machine: tiny interpreter check
+    python -m sat.warmup                          # CUDA: build forward + backward for every shape
+    python -m sat.warmup --report --out FILE      # any machine: build for sm_80 and sm_90, report
+    TRITON_INTERPRET=1 python -m sat.warmup --smoke  # any machine: tiny interpreter check
 
 Triton keeps compiled kernels in its on-disk cache (~/.triton/cache), so a training run started afterwards
 skips the compilation. Shapes come from config.py through sat.config: every task, alone and under each preset
@@ -10,38 +10,31 @@ that names it (sequence length rounded up to the block size, heads, head dim, bl
 layout); without a usable config the built-in LRA and ViT-S shapes are used. ViT-S is added when no
 configured task has its heads, head dim and block size.
 
---report needs no GPU: it records the launches a training step makes (an attention layer of each shape, run
-forward and backward under `record_launches`), compiles each distinct binary for each target through
-Triton's own launcher (sat.kernels.triton_compile) and prints shared memory, registers, spills and the
-matrix instruction of each; it fails (exit 1) on spills or shared memory over a target's limit.
+--report (sat/compile_report.py) needs no GPU. Both modules sit above the kernels: they read the config, and
+the report runs the models' attention layer, which the kernels know nothing of.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sat.kernels.reference import reference_attention
-from sat.kernels.triton_support import triton_shape_problem
+from sat.kernels.triton_support import (
+    DTYPES,
+    TOLERANCE,
+    fp32_precision,
+    random_layout,
+    triton_shape_problem,
+)
 
-# name -> (input dtype, fp32 matmul precision PyTorch is set to): "fp32" exact, "tf32" with TF32 allowed
-DTYPES: dict[str, tuple[torch.dtype, str]] = {
-    "bf16": (torch.bfloat16, "ieee"), "fp16": (torch.float16, "ieee"),
-    "fp32": (torch.float32, "ieee"), "tf32": (torch.float32, "tf32"),
-}
-# Largest difference from the reference (sat.kernels.reference, fp32 math) the kernels may show, per input:
-# 16-bit inputs, fp32 with TF32 dots (10 mantissa bits: about 1e-3 here, tests/test_blocksparse_triton.py
-# emulates it), exact fp32.
-TOLERANCE = {"bf16": 2e-2, "fp16": 2e-2, "tf32": 3e-3, "fp32": 1e-4}
 ARCHS = (80, 90)
 
 
@@ -100,26 +93,6 @@ def configured_shapes() -> tuple[list[Shape], str]:
     if all((s.heads, s.head_dim, s.block_size) != key for s in shapes):
         shapes.append(VIT_S)
     return shapes, "config.py"
-
-
-def random_layout(heads: int, nb: int, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Top-k style layout: the diagonal plus random blocks, about `density` of each row. (heads, nb, nb)."""
-    k = max(1, round(density * nb))
-    scores = torch.rand(heads, nb, nb, generator=generator) + 2 * torch.eye(nb)  # diagonal always kept
-    idx = scores.topk(k, dim=-1).indices
-    return torch.zeros(heads, nb, nb, dtype=torch.bool).scatter_(-1, idx, True)
-
-
-@contextlib.contextmanager
-def fp32_precision(value: str) -> Iterator[None]:
-    """PyTorch's fp32 matmul precision on CUDA ("ieee" or "tf32") within the block, restored after."""
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = value
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
 
 
 # ------------------------------------------------------------------------------------------------ GPU warm-up
@@ -182,114 +155,6 @@ def warm(dtypes: list[str]) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------ compile report
-
-
-def record_training_launches(shape: Shape, dtype: torch.dtype, padded: bool, capability: tuple[int, int],
-                             batch: int = 2) -> list:
-    """The Triton launches of one training step of an attention layer of this shape after the switch:
-    sat.models.attention.Attention with backend "triton", forward and backward on CPU tensors, recorded
-    (configured as for a GPU of compute `capability`) instead of run. The tensors' strides and alignment
-    are those training hands the kernels (q, k, v views of one projection, dO a transposed view)."""
-    from sat.kernels.blocksparse_triton import record_launches
-    from sat.models.attention import Attention
-
-    g = torch.Generator().manual_seed(0)
-    H, D, N = shape.heads, shape.head_dim, shape.seq_len
-    torch.manual_seed(0)  # the layer's initial pattern, hence its layout
-    attn = Attention(H * D, H, D, N, shape.block_size, per_head=shape.per_head, backend="triton").to(dtype)
-    attn.sparsify(max(shape.density, 1.0 / (N // shape.block_size) ** 2))
-    x = torch.randn(batch, N, H * D, generator=g).to(dtype)
-    mask = None
-    if padded:
-        mask = torch.ones(batch, N, dtype=torch.bool)
-        mask[:, N - N // 5:] = False
-    with record_launches(capability) as launches:
-        attn(x, mask).float().sum().backward()
-    return launches
-
-
-def report(archs: list[int], dtypes: list[str], out: Path | None, both_layouts: bool = False) -> int:
-    """Compile every distinct binary that training launches for the configured shapes (with `both_layouts`,
-    each also with the other of shared / per-head layouts); print and write the table. Exit code 1 when a
-    binary spills registers or needs more shared memory than its target has."""
-    import dataclasses
-
-    import triton
-
-    from sat.kernels.triton_compile import compile_launch, launch_key
-
-    shapes, source = configured_shapes()
-    if both_layouts:
-        shapes += [dataclasses.replace(s, name=f"{s.name} {'shared' if s.per_head else 'per-head'}",
-                                       per_head=not s.per_head) for s in shapes]
-        source += ", each with shared and per-head layouts"
-    lines = [f"# Triton {triton.__version__} compile report: `python -m sat.kernels.warmup --report` "
-             f"(torch {torch.__version__})",
-             f"# shapes from {source}; each binary is what a training step launches (sat.models.attention, "
-             f"forward + backward), built for the target through Triton's own launcher",
-             "# cfg = program rows/loop rows/layout blocks per program; const = arguments the runtime turned "
-             "into constants; div = arguments marked divisible by 16", ""]
-
-    def emit(text: str) -> None:
-        lines.append(text)
-        print(text, flush=True)
-
-    for line in lines:
-        print(line)
-    uses: dict[tuple, list[str]] = {}
-    launches: dict[tuple, tuple] = {}
-    for shape in shapes:
-        problem = triton_shape_problem(torch.float32, shape.block_size, shape.head_dim, 2, shape.heads)
-        layout = "per-head" if shape.per_head else "shared"
-        emit(f"shape {shape.name}: N={shape.seq_len} H={shape.heads} D={shape.head_dim} "
-             f"block={shape.block_size} {layout}" + (f": not built, {problem} (backend auto uses torch)"
-                                                      if problem else ""))
-        if problem:
-            continue
-        for arch in archs:
-            for name in dtypes:
-                dtype, precision = DTYPES[name]
-                for padded in (False, True):
-                    with fp32_precision(precision):
-                        recorded = record_training_launches(shape, dtype, padded, (arch // 10, arch % 10))
-                    for launch in recorded:
-                        key = (arch, name, launch_key(launch))
-                        launches.setdefault(key, (launch, shape))
-                        label = f"{shape.name}{' pad' if padded else ''}"
-                        if label not in uses.setdefault(key, []):
-                            uses[key].append(label)
-    emit("")
-    header = (f"{'kernel':<20} {'sm':>3} {'dtype':<5} {'blk':>3} {'D':>3} {'cfg':<9} {'warps':>5} {'stages':>6} "
-              f"{'shared':>7} {'regs':>4} {'spill':>5} {'mma':<8} {'const':<26} {'div':>3}  used by")
-    emit(header)
-    bad = []
-    worst_shared = dict.fromkeys(archs, 0)
-    start = time.perf_counter()
-    for (arch, name, key), (launch, shape) in launches.items():
-        binary = compile_launch(launch, arch)
-        opts = launch.options
-        cfg = f"{opts['ROWS']}/{opts.get('STEP', '-')}/{opts.get('GROUP', '-')}"
-        emit(f"{binary.kernel:<20} {arch:>3} {name:<5} {shape.block_size:>3} {shape.head_dim:>3} {cfg:<9} "
-             f"{binary.num_warps:>5} {binary.num_stages:>6} {binary.shared:>7} {binary.registers:>4} "
-             f"{binary.spills:>5} {binary.mma:<8} {','.join(binary.constants) or '-':<26} {binary.divisible:>3}"
-             f"  {'; '.join(uses[(arch, name, key)])}")
-        worst_shared[arch] = max(worst_shared[arch], binary.shared)
-        bad += [f"{binary.kernel} sm_{arch} {name} block {shape.block_size} D {shape.head_dim}: {p}"
-                for p in binary.problems()]
-    emit("")
-    emit(f"{len(launches)} binaries in {time.perf_counter() - start:.0f} s; most shared memory: "
-         + ", ".join(f"sm_{a} {worst_shared[a]} B" for a in archs)
-         + f"; {len(bad)} with problems" + ("" if bad else " (no register spills)"))
-    for problem in bad:
-        emit(f"PROBLEM: {problem}")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(lines) + "\n")
-        print(f"wrote {out}")
-    return 1 if bad else 0
-
-
 # ------------------------------------------------------------------------------------------------ smoke
 
 
@@ -348,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     if args.report:
-        return report(archs, dtypes, args.out, args.both_layouts)
+        from sat.compile_report import report
+
+        return report(*configured_shapes(), archs, dtypes, args.out, args.both_layouts)
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to build (the torch backend will be used); try --smoke or --report")
         return 2
