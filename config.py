@@ -111,17 +111,18 @@ PRESETS = {
     # from the data). 28x28, patch 2 -> 196 patches + the class token = 197 tokens, padded to 224 = 7x7 blocks of
     # 32, as ViT-Ti/16 at 224 px; crop_pct 1.0 (no centre crop at 28 px). A ViT-Ti shrunk for a 2-core CPU (3
     # layers of width 64), Monarch MLPs densified at 70% of the steps, SAT's switch with a backstop at 40%.
-    # 2,500 steps of 64 (~3 epochs) is an estimate of a <= 20-minute run from the lra-image step's FLOP rate,
-    # not a measurement. No Mixup/CutMix: a ~0.1M-parameter model seeing each image ~3 times underfits, and
-    # mixing would slow it; no LR halving at the switch, as in the other short presets.
+    # 1,200 steps of 64 (~1.4 epochs): ~14 minutes single-threaded with another run beside it, so that the
+    # parity's 12 runs fit an afternoon (bench/results/parity-vit.txt). No Mixup/CutMix: a ~0.1M-parameter model
+    # seeing each image ~1.4 times underfits, and mixing would slow it; no LR halving at the switch, as in the
+    # other short presets.
     "fashion": {
         "imagenet-vit-ti": {
             "dataset": {"source": "fashion-mnist", "img_size": 28, "patch_size": 2, "crop_pct": 1.0,
                         "num_classes": 0, "num_workers": 0},
             "model": {"num_layers": 3, "dim": 64, "hidden_dim": 256, "num_heads": 2, "head_dim": 32},
-            "training": {"batch_size": 64, "epochs": 0, "warmup_epochs": 0, "train_steps": 2500,
-                         "warmup_steps": 150, "eval_frequency": 500, "mixup": 0.0, "cutmix": 0.0},
-            "sparsity": {"max_dense_steps": 1000, "lr_scale_after_transition": 1.0},
+            "training": {"batch_size": 64, "epochs": 0, "warmup_epochs": 0, "train_steps": 1200,
+                         "warmup_steps": 100, "eval_frequency": 300, "mixup": 0.0, "cutmix": 0.0},
+            "sparsity": {"max_dense_steps": 480, "lr_scale_after_transition": 1.0},
         },
     },
 }

@@ -1,7 +1,7 @@
 """Training-step speed and memory at the lra-image model shapes, dense phase against sparse phase.
 
     python bench/train_step.py [--batch 32] [--density 0.05] [--steps 10] [--task lra-image] [--preset quick]
-        [--set sparsity.pattern=learned ...]
+        [--amp off bf16] [--patterns measured learned] [--set sparsity.density=0.1 ...] [--out FILE]
 
 Another task's shapes: --task lra-listops --preset quick (the README's no-download job); the density defaults
 to the task's.
@@ -148,6 +148,49 @@ def measure(step, monitored: bool, live_only: bool, steps: int) -> dict:
     return {"step_s": statistics.median(times), "peak_mb_above_idle": rss, "monitor_share": share}
 
 
+PHASES = {"dense-monitored": "dense, monitored (SAT default)", "dense": "dense, not monitored",
+          "dense-sdpa": "dense, SDPA (math path + dropout)", "sparse": "sparse",
+          "sparse-recompute": "sparse, model.recompute=sparse"}
+
+
+def run_phases(a, amp: str, pattern: str | None) -> dict[str, dict]:
+    """Every phase in its own processes (timed, then live memory) for one precision and layout rule."""
+    rows = {}
+    for phase in PHASES:
+        extra = ["--density", str(a.density)] if a.density is not None else []
+        extra += ["--preset", a.preset] if a.preset else []
+        extra += [f"--set={x}" for x in a.set] + [f"--set=training.amp=\"{amp}\""]
+        if pattern:  # the rule with its diagonal setting: measured keeps the diagonal (LRA), learned does not
+            diagonal = str(pattern != "learned").lower()
+            extra += [f"--set=sparsity.pattern=\"{pattern}\"", f"--set=sparsity.keep_diagonal={diagonal}"]
+        rows[phase] = {}
+        for live in ([], ["--live"]):
+            r = subprocess.run([sys.executable, __file__, "--child", phase, "--task", a.task, "--batch", str(a.batch),
+                                "--steps", str(a.steps), "--backend", a.backend, *extra, *live],
+                               capture_output=True, text=True, check=True)
+            rows[phase].update(json.loads(r.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def section(rows: dict[str, dict], amp: str, steps: int, backend: str) -> list[str]:
+    dm, d = rows["dense-monitored"], rows["dense"]
+    lines = [f"{d['shapes']}, amp {amp}, backend {backend}, torch {d['torch']}, {d['threads']} threads, median of "
+             f"{steps} steps", f"{'phase':<34}{'step (ms)':>11}{'steps/s':>9}{'peak RSS MB':>13}{'peak live MB':>14}"]
+    for phase, name in PHASES.items():
+        r = rows[phase]
+        lines.append(f"{name:<34}{1000 * r['step_s']:>11.1f}{1 / r['step_s']:>9.2f}{r['peak_mb_above_idle']:>13.1f}"
+                     f"{r['live_peak_mb']:>14.1f}")
+    for label, r in (("sparse", rows["sparse"]), ("with recompute: sparse", rows["sparse-recompute"])):
+        # below 1 MB the resident peak is within what the idle process already held: no ratio to give
+        rss = (f"{dm['peak_mb_above_idle'] / r['peak_mb_above_idle']:.2f}x" if r["peak_mb_above_idle"] >= 1.0
+               else "n/a (sparse within the idle peak)")
+        lines.append(f"{label} / dense-monitored steps/s: {dm['step_s'] / r['step_s']:.2f}x; peak memory "
+                     f"dense-monitored / sparse: {rss} resident, {dm['live_peak_mb'] / r['live_peak_mb']:.2f}x live")
+    lines.append(f"monitor share of a monitored dense step (monitored and unmonitored steps alternating in one "
+                 f"process, medians of {steps} each): {100 * dm['monitor_share']:.1f}%")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=32)
@@ -156,40 +199,27 @@ def main() -> None:
     p.add_argument("--preset")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--backend", default="torch")
+    p.add_argument("--amp", nargs="+", default=["off"], choices=["off", "bf16"],
+                   help="precisions to measure, each a section (training.amp; bf16 = CPU autocast)")
+    p.add_argument("--patterns", nargs="+", default=[None], metavar="PATTERN",
+                   help="layout rules to measure, each a section: measured (the diagonal kept, the LRA default) "
+                        "or learned (SAT's, no diagonal rule); default: the task's own")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="a config value for every phase, e.g. --set sparsity.pattern=learned (repeatable)")
+                   help="a config value for every phase, e.g. --set sparsity.density=0.1 (repeatable)")
+    p.add_argument("--out", help="also write the tables to this file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--live", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         print(json.dumps(child(a.child, a.task, a.preset, a.batch, a.density, a.steps, a.backend, a.live, a.set)))
         return
-    rows = {}
-    for phase in ("dense-monitored", "dense", "dense-sdpa", "sparse", "sparse-recompute"):
-        extra = ["--density", str(a.density)] if a.density is not None else []
-        extra += ["--preset", a.preset] if a.preset else []
-        extra += [f"--set={x}" for x in a.set]
-        rows[phase] = {}
-        for live in ([], ["--live"]):
-            r = subprocess.run([sys.executable, __file__, "--child", phase, "--task", a.task, "--batch", str(a.batch),
-                                "--steps", str(a.steps), "--backend", a.backend, *extra, *live],
-                               capture_output=True, text=True, check=True)
-            rows[phase].update(json.loads(r.stdout.strip().splitlines()[-1]))
-    dm, d, s = rows["dense-monitored"], rows["dense"], rows["sparse"]
-    print(f"{d['shapes']}, backend {a.backend}, torch {d['torch']}, {d['threads']} threads, median of {a.steps} steps")
-    print(f"{'phase':<34}{'step (ms)':>11}{'steps/s':>9}{'peak RSS MB':>13}{'peak live MB':>14}")
-    names = (("dense, monitored (SAT default)", dm), ("dense, not monitored", d),
-             ("dense, SDPA (math path + dropout)", rows["dense-sdpa"]), ("sparse", s),
-             ("sparse, model.recompute=sparse", rows["sparse-recompute"]))
-    for name, r in names:
-        print(f"{name:<34}{1000 * r['step_s']:>11.1f}{1 / r['step_s']:>9.2f}{r['peak_mb_above_idle']:>13.1f}"
-              f"{r['live_peak_mb']:>14.1f}")
-    for label, r in (("sparse", s), ("with recompute: sparse", rows["sparse-recompute"])):
-        print(f"{label} / dense-monitored steps/s: {dm['step_s'] / r['step_s']:.2f}x; peak memory dense-monitored / "
-              f"sparse: {dm['peak_mb_above_idle'] / max(r['peak_mb_above_idle'], 1e-9):.2f}x resident, "
-              f"{dm['live_peak_mb'] / max(r['live_peak_mb'], 1e-9):.2f}x live")
-    print(f"monitor share of a monitored dense step (monitored and unmonitored steps alternating in one process, "
-          f"medians of {a.steps} each): {100 * dm['monitor_share']:.1f}%")
+    lines = []
+    for amp in a.amp:
+        for pattern in a.patterns:
+            lines += section(run_phases(a, amp, pattern), amp, a.steps, a.backend) + [""]
+            print("\n".join(lines[-12:]), flush=True)
+    if a.out:
+        Path(a.out).write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -415,6 +415,9 @@ def _summarize(s: RunState, paths: RunPaths, backend: str, run: RunLog) -> dict:
         "task": cfg.task, "dataset": s.data.name, "name": paths.name, "steps": s.step, "best_step": best["step"],
         "transition_step": scheduler.transition_step, "transition_reason": scheduler.transition_reason,
         "densify_step": scheduler.densify_step,
+        # what the configured model had at step 0 and what the run ended with (S2D densifies Monarch MLPs)
+        "params_at_start": count_parameters(build_model(cfg, s.data.vocab_size, "reference")),
+        "params_at_end": count_parameters(s.model),
         "dev_accuracy": dev_res["accuracy"], "test_accuracy": test["accuracy"], "test_majority_rate": majority,
         "dev_top5": dev_res["top5"], "test_top5": test["top5"],
         "world_size": s.info.world, "global_batch_size": rank_batch(cfg, s.info.world) * s.info.world,

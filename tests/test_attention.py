@@ -213,18 +213,18 @@ def test_low_precision_monitored_path_matches_fused_statistics():
 @pytest.mark.slow
 def test_train_step_benchmark_runs():
     """bench/train_step.py end to end at the quick ListOps shapes (one layer and a class token, by --set: its
-    random batch must leave a position free), one step per phase, the sparse one on the LRA default's layout
-    (a measured map, the diagonal kept)."""
+    random batch must leave a position free), one step per phase, under CPU autocast (bf16) and with SAT's
+    learned layout (no diagonal rule) in place of the task's."""
     import subprocess
     import sys
     from pathlib import Path
 
     bench = Path(__file__).resolve().parent.parent / "bench" / "train_step.py"
     out = subprocess.run([sys.executable, str(bench), "--task", "lra-listops", "--preset", "quick", "--batch", "2",
-                          "--steps", "1", "--set=model.num_layers=1", "--set=model.pooling=cls"],
-                         capture_output=True, text=True, check=True).stdout
+                          "--steps", "1", "--set=model.num_layers=1", "--set=model.pooling=cls", "--amp", "bf16",
+                          "--patterns", "learned"], capture_output=True, text=True, check=True).stdout
     assert ("lra-listops --preset quick shapes: 1 layers, dim 64, N=256, batch 2, block 32, density 0.25, "
-            "pattern measured with the diagonal kept") in out
+            "pattern learned, amp bf16") in out
     for row in ("dense, monitored", "dense, not monitored", "dense, SDPA", "sparse", "model.recompute=sparse"):
         assert row in out
     assert "monitor share of a monitored dense step" in out

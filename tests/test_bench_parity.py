@@ -1,6 +1,7 @@
 """bench/parity.py's statistics: paired differences with a 95% t interval, means and spreads per mode."""
 
 import importlib.util
+import json
 import math
 
 import pytest
@@ -30,7 +31,7 @@ def test_report_pairs_seeds_and_reports_ratio():
     results = {"dense": [result(1, 0.40, 100.0), result(2, 0.42, 110.0)],
                "learned": [result(1, 0.39, 50.0, 30, 0.5, 0.25), result(2, 0.43, 55.0, 40, 0.7, 0.25)]}
     text = parity.report("lra-listops", "quick", results)
-    assert "learned - dense (paired, 2 seeds): +0.00 points" in text
+    assert "learned - dense (paired, 2 seeds) top-1: +0.00 points" in text
     assert "per seed -1.0, +1.0" in text and "wall-time ratio dense/learned 2.00x" in text
     assert "0.600" in text  # mean recall of the learned runs
 
@@ -38,7 +39,7 @@ def test_report_pairs_seeds_and_reports_ratio():
 def test_cached_run_records_each_run_and_does_not_repeat_it(tmp_path, monkeypatch):
     calls = []
 
-    def fake_run(root, task, preset, seed, mode, extra, threads=0):
+    def fake_run(root, task, preset, seed, mode, extra, threads=0, data_dir=None):
         calls.append((seed, mode))
         return {**result(seed, 0.5, 10.0), "mode": mode}
 
@@ -89,7 +90,7 @@ def test_jobs_run_every_planned_run_once_and_keep_the_table_order(tmp_path, monk
 
     seen = []
 
-    def fake_run(root, task, preset, seed, mode, extra, threads=0):
+    def fake_run(root, task, preset, seed, mode, extra, threads=0, data_dir=None):
         seen.append((seed, mode, threads))
         return {**result(seed, 0.5 + seed / 100, 10.0), "mode": mode}
 
@@ -132,3 +133,64 @@ def test_listops_rules_read_the_first_token():
     test_y = np.array([0, 9, 3, 9])
     acc = rules.rule_accuracies(train_x, train_y, test_x, test_y)
     assert acc == {"majority": 0.5, "outermost operator": 0.75}
+
+
+@pytest.mark.parametrize("mode, mlp, switch", [
+    ("all-dense", "dense", False), ("s2d", "monarch", False), ("switch", "dense", True), ("full", "monarch", True)])
+def test_vit_modes_set_the_mlp_and_the_switch_and_read_the_release(tmp_path, monkeypatch, mode, mlp, switch):
+    """The ViT rows: each names its MLP and whether attention switches, keeps the task's own switch rule, and
+    passes no --data_dir (the ViT tasks read the installed release, not a folder under --root)."""
+    from sat.cli import overrides_from_args, run_parser
+    from sat.config import load_config
+
+    seen = []
+
+    def fake_subprocess_run(cmd, **kwargs):
+        seen.append(cmd)
+        out = RunPaths.make(tmp_path, 7, "imagenet-vit-ti", cmd[cmd.index("--name") + 1]).summary
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result(7, 0.5, 1.0)))
+
+    monkeypatch.setattr(parity.subprocess, "run", fake_subprocess_run)
+    parity.run(tmp_path, "imagenet-vit-ti", "fashion", 7, mode, [])
+    assert "--data_dir" not in seen[0]
+    args = run_parser("main_train.py", "", ["train", "eval"]).parse_args(seen[0][2:])
+    cfg = load_config(args.task, args.preset, overrides_from_args(args))
+    assert (cfg.model.mlp, cfg.sparsity.enabled) == (mlp, switch)
+    assert (cfg.sparsity.pattern, cfg.sparsity.keep_diagonal) == ("learned", False)  # the ViT task's own rule
+
+
+def vit_result(seed, acc, top5, wall, step, densify, start, end):
+    return {**result(seed, acc, wall, step, 0.3 if step else None, 0.1 if step else None), "test_top5": top5,
+            "densify_step": densify, "params_at_start": start, "params_at_end": end, "best_step": 1200}
+
+
+def test_report_for_the_vit_rows_has_top5_parameters_and_the_extra_pairs():
+    results = {
+        "all-dense": [vit_result(1, 0.80, 0.99, 100.0, None, None, 160, 160),
+                      vit_result(2, 0.82, 0.98, 100.0, None, None, 160, 160)],
+        "full": [vit_result(1, 0.79, 0.97, 50.0, 480, 840, 90, 160),
+                 vit_result(2, 0.80, 0.99, 50.0, 480, 840, 90, 160)],
+        "s2d": [vit_result(1, 0.81, 0.98, 80.0, None, 840, 90, 160),
+                vit_result(2, 0.83, 0.99, 80.0, None, 840, 90, 160)]}
+    text = parity.report("imagenet-vit-ti", "fashion", results, [("full", "s2d")])
+    assert "full - all-dense (paired, 2 seeds) top-1: -1.50 points" in text
+    assert "full - all-dense (paired, 2 seeds) top-5: -0.50 points" in text
+    assert "wall-time ratio all-dense/full 2.00x" in text
+    assert "full - s2d (paired, 2 seeds) top-1: -2.50 points" in text and "per seed -2.0, -3.0" in text
+    assert "parameters 90 at the start, 160 at the end (S2D at step 840)" in text
+    assert "parameters 160 at the start, 160 at the end\n" in text
+    assert "tested checkpoints trained past the switch" in text.split("s2d")[0]  # full switched
+    assert "0 of 2" not in text  # no such line for the rows that never switch
+    row = next(ln for ln in text.splitlines() if ln.startswith("  1 full"))
+    assert row.split()[2:5] == ["79.00", "97.00", "50.0"]
+
+
+def test_pairs_must_name_two_of_the_modes(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["parity.py", "--modes", "dense", "learned", "--pairs", "learned:coverage",
+                                      "--root", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        parity.main()
+    assert e.value.code == 2

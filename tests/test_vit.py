@@ -199,8 +199,9 @@ def test_vit_trains_with_both_transitions_and_evaluates(tmp_path, image_data):
     assert 0.0 <= s["test_accuracy"] <= s["test_top5"] <= 1.0 and 0.0 <= s["dev_top5"] <= 1.0
     assert s["seq_len"] == 24 and s["world_size"] == 1
     log = VIT.paths(root=tmp_path, name="vit").text_log.read_text()
-    assert re.search(r"step 21: MLPs densified \(S2D\): 4 Monarch layers -> dense; "
-                     r"parameters \d+ -> \d+", log)
+    m = re.search(r"step 21: MLPs densified \(S2D\): 4 Monarch layers -> dense; parameters (\d+) -> (\d+)", log)
+    assert m and (s["params_at_start"], s["params_at_end"]) == (int(m[1]), int(m[2]))
+    assert s["params_at_start"] < s["params_at_end"]  # Monarch factors are smaller than the dense matrices
     best = evaluate_saved(tmp_path, "vit", "best")
     assert best["accuracy"] == pytest.approx(s["test_accuracy"])
     assert best["top5"] == pytest.approx(s["test_top5"])

@@ -1,13 +1,22 @@
 """Block-sparse attention in plain PyTorch: only the active blocks are computed (docs/block-sparse.md).
 
-The query-block rows of the layout are grouped into buckets by their number `c` of active key blocks.
-Within a bucket every row has exactly `c` active blocks, so one batched matrix product computes all of its
-scores with no padding and no masking: gather the `c` key blocks of each row (a lookup table of block
-indices), `S = Q K^T` is (rows, bs, c*bs), a fused softmax, `O = P V`. The backward reuses the saved
-probabilities P (memory proportional to the active blocks, like everything else here), so it needs four
-batched products per bucket: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)), dQ = dS K,
-dK = dS^T Q, with dK and dV scattered back by index_add. The bucket plan depends only on the layout, which
-changes rarely, so it is cached (sat/kernels/runtime.py holds the cache, the threads and the workspaces).
+The query-block rows of the layout are grouped by their number `c` of active key blocks, and the groups are
+computed in buckets: within a bucket every row has `c` slots, so one batched matrix product computes all of
+its scores: gather the `c` key blocks of each row (a lookup table of block indices), `S = Q K^T` is
+(rows, bs, c*bs), a fused softmax, `O = P V`. The backward reuses the saved probabilities P (memory
+proportional to the active blocks, like everything else here), so it needs four batched products per bucket:
+dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)), dQ = dS K, dK = dS^T Q, with dK and dV scattered
+back by index_add. The plan depends only on the layout, which changes rarely, so it is cached
+(sat/kernels/runtime.py holds the cache, the threads and the workspaces).
+
+A bucket costs a fixed ~20 operations besides its arithmetic, so a layout with many distinct counts (learned
+and per-head layouts have 10-25) pays that many times. Buckets may therefore merge groups of neighbouring
+counts: a row with fewer blocks is padded to the bucket's count with slots that repeat its last key block and
+get the score -inf (a bias added before the softmax), so their probabilities are exactly 0, the output and dQ
+are unchanged and dK and dV receive exact zeros from them. Which groups merge is the cheapest split under a
+cost model (`merge_counts`, a dynamic programme over the sorted counts: a fixed cost per bucket against the
+padded blocks, see the constants below), chosen per batch size and cached with the plan. Padded keys (the key
+padding mask) get the same -inf bias.
 
 On a CPU the work is a few hundred small operations, and there are two ways to use the threads (see
 sat.kernels.runtime.ThreadChoice): each operation on PyTorch's intra-op thread team, or the batch split over
@@ -27,42 +36,81 @@ from torch.autograd.function import once_differentiable
 from sat.kernels.dense import softmax_, softmax_backward_
 from sat.kernels.runtime import RUNTIME
 
+# The cost model that merges buckets (merge_counts), in units of the elementwise work on one fp32 score element:
+# a bucket of r rows padded to c slots costs
+#     overhead + pairs_per_thread * r * c * bs * bs * (1 + _MATMUL * D).
+# Calibrated on the project's 2-core CPU machine, idle: one thread spends ~4.7 ns + 0.13 ns * D per score element
+# of a block slot at block 64 (6.7, 9.6, 12.8 ns at D 16, 32, 64), so _MATMUL ~0.03: the six products weigh
+# less than the elementwise passes (bias, softmax and its backward, the copies of P, the gathers). A bucket's
+# fixed cost, timed where its arithmetic is negligible (block 8, D 8, B*H = 8, 64 buckets against 1), is
+# ~170 us of wall time on the intra-op team (~3.7e4 units), ~450 us split over the two workers (~9.6e4; their
+# Python threads share the interpreter lock) and 125-165 us of CPU time on one thread: RUNTIME.bucket_overhead,
+# 6e4 by default. At B*H = 8, block 64, D 32 on two threads a bucket is then worth ~1.9 padded block slots of
+# the layout, so only sparse groups merge; with few (batch, head) pairs or small blocks it is worth more. On a
+# GPU an operation costs a launch (~10 us) and a block next to nothing, so the overhead there (_GPU_OVERHEAD,
+# an estimate, not measured) merges far more.
+_MATMUL = 0.03
+_GPU_OVERHEAD = 1e7
+
 
 @dataclass
 class _Bucket:
-    """The `rows` query-block rows that have exactly `count` active key blocks."""
+    """The `rows` query-block rows computed together, each with `count` slots: a plan's groups hold the rows with
+    exactly `count` active key blocks; a merged bucket pads rows with fewer to `count`, its padded slots repeat
+    the row's last key block and are masked (`slots`)."""
 
-    count: int
+    count: int  # slots per row: the largest count among the rows
     rows: torch.Tensor  # (r,) row ids h * nb + i in [0, Hl*nb)
-    keys: torch.Tensor  # (r, count) key-block row ids h * nb + j, ascending j per row
+    keys: torch.Tensor  # (r, count) key-block row ids h * nb + j, ascending j per row, then the padded slots
     key_blocks: torch.Tensor  # (r, count) key-block index j in [0, nb), for the padding mask
+    slots: torch.Tensor | None = None  # (r, count) bool: True at a real block; None when no slot is padded
+    active: int = 0  # real (unpadded) blocks
 
     @property
     def num_rows(self) -> int:
         return self.rows.numel()
 
 
-@dataclass
-class _Plan:
-    """Everything derived from one layout: its buckets and whether some row has no active block.
+def merge_counts(counts: list[int], rows: list[int], overhead: float) -> list[tuple[int, int]]:
+    """Split sorted distinct counts into runs [i, j) that become one bucket each, padded to counts[j - 1]:
+    the least total cost sum(overhead + counts[j - 1] * rows in the run), by dynamic programming."""
+    m = len(counts)
+    best = [0.0] + [math.inf] * m  # best[j]: the cheapest cost of the first j counts
+    start = [0] * (m + 1)
+    for j in range(1, m + 1):
+        run_rows = 0
+        for i in range(j - 1, -1, -1):  # the last run is [i, j)
+            run_rows += rows[i]
+            cost = best[i] + overhead + counts[j - 1] * run_rows
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    runs, j = [], m
+    while j > 0:
+        runs.append((start[j], j))
+        j = start[j]
+    return runs[::-1]
 
-    Tensors are viewed as (G*Hl*nb, bs, D) blocks, G = B*H/Hl the batch of (batch, head) pairs sharing a
-    layout; each piece of a bucket gathers its query blocks and their key and value blocks by flat index.
+
+@dataclass
+class _Schedule:
+    """The buckets of one plan for one batch G of (batch, head) pairs, with their flat block indices.
+
+    Tensors are viewed as (G*Hl*nb, bs, D) blocks; each piece of a bucket gathers its query blocks and their key
+    and value blocks by flat index.
     """
 
-    heads: int  # Hl: 1 (shared by heads) or H
-    nb: int
     buckets: list[_Bucket]
-    has_empty_rows: bool
-    _flat: dict = field(default_factory=dict)
+    flat: list[tuple[torch.Tensor, torch.Tensor]]  # per bucket: query blocks (G*r,), key blocks (G*r*c,)
+    bias: list[torch.Tensor | None]  # per bucket: (G*r, 1, c, 1) fp32, -inf at padded slots, else 0; None if none
 
     @property
     def active_blocks(self) -> int:
+        """Blocks computed per (batch, head) pair, padded slots included."""
         return sum(b.num_rows * b.count for b in self.buckets)
 
     def pieces(self, g0: int, g1: int, max_blocks: int | None):
         """(bucket number, a, b): query blocks [a, b) of a bucket's (g, row) order, covering g in [g0, g1),
-        at most max_blocks active blocks at a time (or one query block) so that a piece can stay in cache;
+        at most max_blocks blocks at a time (or one query block) so that a piece can stay in cache;
         whole buckets for None."""
         for i, bucket in enumerate(self.buckets):
             r = bucket.num_rows
@@ -71,19 +119,65 @@ class _Plan:
                 yield i, a, min(a + step, g1 * r)
 
     def piece_blocks(self, g0: int, g1: int, max_blocks: int | None) -> int:
-        """The most active blocks in one of the pieces: the size of the buffers."""
+        """The most blocks in one of the pieces: the size of the buffers."""
         return max(((b - a) * self.buckets[i].count for i, a, b in self.pieces(g0, g1, max_blocks)), default=0)
 
-    def flat_index(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per bucket, flat block indices for G = batch: its query blocks (G*r,) in (g, row) order and their
-        key blocks (G*r*c,) in (g, row, slot) order."""
-        if batch not in self._flat:
-            self._flat[batch] = []
-            for b in self.buckets:
+
+@dataclass
+class _Plan:
+    """Everything derived from one layout: its rows grouped by their exact count of active blocks, whether some
+    row has no active block, and per batch size the schedule that merges those groups into buckets."""
+
+    heads: int  # Hl: 1 (shared by heads) or H
+    nb: int
+    groups: list[_Bucket]  # one per distinct count, ascending, unpadded
+    has_empty_rows: bool
+    _schedules: dict = field(default_factory=dict)
+
+    def schedule(self, batch: int, block_size: int, head_dim: int, device: torch.device) -> _Schedule:
+        """The buckets for G = batch pairs: groups merged where the operations saved cost more than the padded
+        blocks (merge_counts with the cost model above; pairs per thread as the CPU threads split them)."""
+        threads = torch.get_num_threads() if device.type == "cpu" else 1
+        pairs = math.ceil(batch / max(1, min(batch, threads)))
+        block = pairs * block_size * block_size * (1.0 + _MATMUL * head_dim)  # cost of a block's slot
+        overhead = (RUNTIME.bucket_overhead if device.type == "cpu" else _GPU_OVERHEAD) / block  # in slots
+        key = (batch, block_size, overhead)
+        if key not in self._schedules:
+            runs = merge_counts([g.count for g in self.groups], [g.num_rows for g in self.groups], overhead)
+            buckets = [_pad(self.groups[i:j]) for i, j in runs]
+            flat, bias = [], []
+            for b in buckets:
                 offsets = torch.arange(batch, device=b.rows.device) * (self.heads * self.nb)  # (G,)
-                self._flat[batch].append(((offsets[:, None] + b.rows).reshape(-1),
-                                          (offsets[:, None, None] + b.keys).reshape(-1)))
-        return self._flat[batch]
+                flat.append(((offsets[:, None] + b.rows).reshape(-1), (offsets[:, None, None] + b.keys).reshape(-1)))
+                bias.append(None if b.slots is None else _bias(b.slots[None, :, :, None], batch))
+            self._schedules[key] = _Schedule(buckets, flat, bias)
+        return self._schedules[key]
+
+
+def _pad(groups: list[_Bucket]) -> _Bucket:
+    """One bucket of the rows of several groups (ascending counts), each row padded to the largest count with
+    copies of its last key block, marked in `slots`."""
+    if len(groups) == 1:
+        return groups[0]
+    c = groups[-1].count
+
+    def padded(x):  # (r, count) -> (r, c), the last column repeated
+        return torch.cat([x, x[:, -1:].expand(-1, c - x.shape[1])], dim=1)
+
+    slot = torch.arange(c, device=groups[0].rows.device)
+    return _Bucket(c, torch.cat([g.rows for g in groups]), torch.cat([padded(g.keys) for g in groups]),
+                   torch.cat([padded(g.key_blocks) for g in groups]),
+                   torch.cat([(slot < g.count).expand(g.num_rows, c) for g in groups]), sum(g.active for g in groups))
+
+
+def _bias(keep: torch.Tensor, batch: int) -> torch.Tensor:
+    """Score bias (G*r, 1, c, w) fp32, 0 where keep and -inf elsewhere, from keep: bool (B or 1, r, c, w), w = 1
+    (per slot) or bs (per key), repeated over the (batch, head) pairs sharing the layout, in (g, row) order.
+    Added to the scores viewed as (n, bs, c, bs): on a CPU a sixth of the time of masked_fill_ with the same
+    broadcast mask, and adding 0 leaves a score exactly as it was."""
+    B, r, c, w = keep.shape
+    bias = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_fill_(~keep, float("-inf"))
+    return bias[:, None].expand(B, batch // B, r, c, w).reshape(batch * r, 1, c, w)
 
 
 def _make_plan(layout: torch.Tensor, device: torch.device) -> _Plan:
@@ -91,28 +185,34 @@ def _make_plan(layout: torch.Tensor, device: torch.device) -> _Plan:
     rows_layout = layout.reshape(heads * nb, nb)  # (Hl*nb, nb): one row per (head, query block)
     counts = rows_layout.sum(-1)  # (Hl*nb,)
     head_offset = torch.arange(heads).repeat_interleave(nb) * nb  # (Hl*nb,): h * nb
-    buckets = []
+    groups = []
     for c in sorted(set(counts.tolist()) - {0}):
         rows = (counts == c).nonzero()[:, 0]  # (r,)
         key_blocks = rows_layout[rows].nonzero()[:, 1].reshape(len(rows), c)  # (r, c)
         keys = key_blocks + head_offset[rows, None]
-        buckets.append(_Bucket(c, rows.to(device), keys.to(device), key_blocks.to(device)))
-    return _Plan(heads, nb, buckets, bool((counts == 0).any()))
+        groups.append(_Bucket(c, rows.to(device), keys.to(device), key_blocks.to(device), None, len(rows) * c))
+    return _Plan(heads, nb, groups, bool((counts == 0).any()))
 
 
-def _plan_for(layout: torch.Tensor, device: torch.device) -> _Plan:
-    """Cached bucket plan of a boolean layout (the cache key is the layout's content)."""
+def plan_for(layout: torch.Tensor, device: torch.device) -> _Plan:
+    """Cached plan of a boolean layout (the cache key is the layout's content)."""
     cpu_layout = layout.detach().to("cpu", torch.bool).contiguous()
     key = (tuple(cpu_layout.shape), cpu_layout.numpy().tobytes(), str(device))
     return RUNTIME.plan(key, lambda: _make_plan(cpu_layout, device))
 
 
-def _padding_keep(key_padding_mask, bucket, heads_per_layout):
-    """Unpadded keys of a bucket's gathered blocks, per query block in (g, row) order: (G*r, 1, c*bs) bool."""
-    B, nb, bs = key_padding_mask.shape
-    r, c = bucket.key_blocks.shape
+def _padding_bias(key_padding_mask, bucket, batch):
+    """Score bias of a bucket's gathered blocks for padded keys and padded slots, per query block in (g, row)
+    order: (G*r, 1, c, bs) fp32, and the rows with no key left, (G*r, 1, 1) bool, or None if there is none."""
     keep = key_padding_mask[:, bucket.key_blocks]  # (B, r, c, bs)
-    return keep[:, None].expand(B, heads_per_layout, r, c, bs).reshape(B * heads_per_layout * r, 1, c * bs)
+    if bucket.slots is not None:
+        keep = keep & bucket.slots[None, :, :, None]
+    alive = keep.flatten(2).any(-1)  # (B, r)
+    dead = None
+    if not bool(alive.all()):
+        B, r = alive.shape
+        dead = (~alive)[:, None].expand(B, batch // B, r).reshape(batch * r, 1, 1)
+    return _bias(keep, batch), dead
 
 
 def _gather(src, index, buffer, rows, width):
@@ -124,25 +224,28 @@ def _gather(src, index, buffer, rows, width):
 
 
 def _forward(q, k, v, plan, block_size, key_padding_mask, keep_probs):
-    """Output (B, H, N, D) and, for the backward, the fp32 (G*R, bs, D) queries, keys, values and P per bucket.
+    """Output (B, H, N, D) and, for the backward, the schedule and the fp32 (G*R, bs, D) queries, keys, values
+    and P per bucket.
 
-    Without keep_probs (no gradient wanted) P is not kept: every piece reuses one score buffer.
+    Padded slots and padded keys get the score -inf, so their probability is exactly 0; a row whose keys are
+    all masked (by the key padding mask) gets P = 0. Without keep_probs (no gradient wanted) P is not kept:
+    every piece reuses one score buffer.
     """
     B, H, N, D = q.shape
     bs, R = block_size, plan.heads * plan.nb
     G = B * H // plan.heads  # batch of the flattened (G*R, bs, D) block views
     scale = 1.0 / math.sqrt(D)
     qf, kf, vf = (x.reshape(G * R, bs, D).float() for x in (q, k, v))
-    index = plan.flat_index(G)
-    keeps = [None] * len(plan.buckets)
+    sched = plan.schedule(G, bs, D, q.device)
+    biases, dead = sched.bias, [None] * len(sched.buckets)  # (G*r, 1, c, 1) for padded slots, or None
     if key_padding_mask is not None:
         kpm = key_padding_mask.reshape(B, plan.nb, bs)
-        keeps = [_padding_keep(kpm, b, H // plan.heads) for b in plan.buckets]  # (G*r, 1, c*bs) each
+        biases, dead = zip(*(_padding_bias(kpm, b, G) for b in sched.buckets), strict=True)
     out = torch.empty_like(qf)  # (G*R, bs, D)
     probs = []
     if keep_probs:  # one buffer for every bucket's P, saved for the backward
-        p_buf, offset = qf.new_empty(plan.active_blocks * G * bs * bs), 0
-        for b in plan.buckets:
+        p_buf, offset = qf.new_empty(sched.active_blocks * G * bs * bs), 0
+        for b in sched.buckets:
             n, L = G * b.num_rows, b.count * bs
             probs.append(p_buf[offset:offset + n * bs * L].view(n, bs, L))
             offset += n * bs * L
@@ -150,62 +253,63 @@ def _forward(q, k, v, plan, block_size, key_padding_mask, keep_probs):
     def part(g0, g1, max_blocks):
         if plan.has_empty_rows:
             out.view(G, -1)[g0:g1].zero_()
-        piece_blocks = plan.piece_blocks(g0, g1, max_blocks)
+        piece_blocks = sched.piece_blocks(g0, g1, max_blocks)
         qb_buf, ob_buf, kg_buf, vg_buf = (RUNTIME.workspace(x, piece_blocks * bs * D, qf)
                                           for x in ("q", "o", "k", "v"))
         s_buf = None if keep_probs else RUNTIME.workspace("s", piece_blocks * bs * bs, qf)
-        for i, a, b in plan.pieces(g0, g1, max_blocks):
-            bucket, (iq, ik), keep = plan.buckets[i], index[i], keeps[i]
-            n, L = b - a, bucket.count * bs  # n query blocks, each seeing L keys
-            iq, ik = iq[a:b], ik[a * bucket.count:b * bucket.count]
+        for i, a, b in sched.pieces(g0, g1, max_blocks):
+            c, (iq, ik), bias = sched.buckets[i].count, sched.flat[i], biases[i]
+            n, L = b - a, c * bs  # n query blocks, each seeing L keys
+            iq, ik = iq[a:b], ik[a * c:b * c]
             qb = torch.index_select(qf, 0, iq, out=qb_buf[:n * bs * D].view(n, bs, D))
             kg = _gather(kf, ik, kg_buf, n, L)  # (n, L, D)
             s = probs[i][a:b] if keep_probs else s_buf[:n * bs * L].view(n, bs, L)
             torch.baddbmm(s, qb, kg.transpose(1, 2), beta=0.0, alpha=scale, out=s)  # scores, (n, bs, L)
-            if keep is not None:
-                keep = keep[a:b]  # (n, 1, L)
-                s.masked_fill_(~keep, float("-inf"))
+            if bias is not None:  # -inf at padded slots and padded keys
+                s.view(n, bs, c, bs).add_(bias[a:b])
             p = softmax_(s)  # P in s
-            if keep is not None:  # rows whose allowed keys are all padding: NaN -> 0
-                p.masked_fill_(~keep.any(-1, keepdim=True), 0.0)
+            if dead[i] is not None:  # rows whose allowed keys are all padding: NaN -> 0
+                p.masked_fill_(dead[i][a:b], 0.0)
             vg = _gather(vf, ik, vg_buf, n, L)
             out.index_copy_(0, iq, torch.bmm(p, vg, out=ob_buf[:n * bs * D].view(n, bs, D)))
 
-    RUNTIME.run(part, G, q.device, ("forward", G, plan.active_blocks, bs, D, key_padding_mask is not None))
-    return out.view(B, H, N, D).to(q.dtype), (qf, kf, vf, probs)
+    RUNTIME.run(part, G, q.device, ("forward", G, sched.active_blocks, bs, D, key_padding_mask is not None))
+    return out.view(B, H, N, D).to(q.dtype), (sched, qf, kf, vf, probs)
 
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, block_size, key_padding_mask):
-        out, (qf, kf, vf, probs) = _forward(q, k, v, plan, block_size, key_padding_mask, keep_probs=True)
+        out, (sched, qf, kf, vf, probs) = _forward(q, k, v, plan, block_size, key_padding_mask, keep_probs=True)
         ctx.save_for_backward(qf, kf, vf, *probs)
-        ctx.plan = plan
+        ctx.plan, ctx.sched = plan, sched
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
+        """The masked slots have P = 0, so dS = P * (dP - rowsum(dP * P)) is 0 there: they add exact zeros to
+        dK and dV and nothing to dQ."""
         qf, kf, vf, *probs = ctx.saved_tensors
-        plan = ctx.plan
+        plan, sched = ctx.plan, ctx.sched
         B, H, N, D = dout.shape
         bs = N // plan.nb
         G = B * H // plan.heads
         scale = 1.0 / math.sqrt(D)
         dof = dout.reshape(kf.shape).float()  # (G*R, bs, D)
-        index = plan.flat_index(G)
         dq, dk, dv = torch.empty_like(kf), torch.empty_like(kf), torch.empty_like(vf)  # (G*R, bs, D) each
 
         def part(g0, g1, max_blocks):
             for grad in (dk, dv) + ((dq,) if plan.has_empty_rows else ()):
                 grad.view(G, -1)[g0:g1].zero_()  # this range of g owns these rows
-            piece_blocks = plan.piece_blocks(g0, g1, max_blocks)
+            piece_blocks = sched.piece_blocks(g0, g1, max_blocks)
             qb_buf, dob_buf, dqb_buf, kg_buf, vg_buf, dkv_buf = (
                 RUNTIME.workspace(x, piece_blocks * bs * D, dof) for x in ("q", "o", "dq", "k", "v", "dkv"))
             dp_buf = RUNTIME.workspace("s", piece_blocks * bs * bs, dof)
-            for i, a, b in plan.pieces(g0, g1, max_blocks):
-                n, L = b - a, plan.buckets[i].count * bs  # n query blocks, each seeing L keys
-                iq, ik = index[i][0][a:b], index[i][1][a * plan.buckets[i].count:b * plan.buckets[i].count]
+            for i, a, b in sched.pieces(g0, g1, max_blocks):
+                c = sched.buckets[i].count
+                n, L = b - a, c * bs  # n query blocks, each seeing L keys
+                iq, ik = sched.flat[i][0][a:b], sched.flat[i][1][a * c:b * c]
                 p = probs[i][a:b]  # (n, bs, L)
                 dob = torch.index_select(dof, 0, iq, out=dob_buf[:n * bs * D].view(n, bs, D))
                 dvg = torch.bmm(p.transpose(1, 2), dob, out=dkv_buf[:n * L * D].view(n, L, D))
@@ -221,7 +325,7 @@ class _BlockSparseAttention(torch.autograd.Function):
                 torch.baddbmm(dkg, ds.transpose(1, 2), qb, beta=0.0, alpha=scale, out=dkg)
                 dk.index_add_(0, ik, dkg.view(-1, bs, D))
 
-        RUNTIME.run(part, G, dout.device, ("backward", G, plan.active_blocks, bs, D))
+        RUNTIME.run(part, G, dout.device, ("backward", G, sched.active_blocks, bs, D))
         return (dq.view(B, H, N, D).to(dout.dtype), dk.view(B, H, N, D).to(dout.dtype),
                 dv.view(B, H, N, D).to(dout.dtype), None, None, None)
 
@@ -238,7 +342,7 @@ def torch_block_sparse_attention(
 
     q, k, v: (B, H, N, D); layout: bool (H or 1, N/bs, N/bs); key_padding_mask: (B, N), 1 keep / 0 pad.
     """
-    plan = _plan_for(layout, q.device)
+    plan = plan_for(layout, q.device)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

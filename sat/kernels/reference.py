@@ -32,11 +32,12 @@ def reference_attention(
     allowed = expand_layout(layout.bool(), block_size).unsqueeze(0)  # (1, H|1, N, N)
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask.bool()[:, None, None, :]  # (B, H|1, N, N)
-    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) / math.sqrt(D)  # (B, H, N, N)
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 at least; float64 inputs stay float64 (tests)
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) / math.sqrt(D)  # (B, H, N, N)
     scores = scores.masked_fill(~allowed, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     p = torch.exp(scores - row_max)  # exp(-inf) = 0 at disallowed keys
     denom = p.sum(dim=-1, keepdim=True)
     p = p / torch.where(denom > 0, denom, torch.ones_like(denom))  # empty rows stay all-zero
-    return torch.matmul(p, v.float()).to(q.dtype)
+    return torch.matmul(p, v.to(acc)).to(q.dtype)

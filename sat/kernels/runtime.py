@@ -5,10 +5,12 @@ choice per kind of call (`ThreadChoice`), its worker threads and their per-threa
 that tests and benchmarks vary:
 - `threading`: "auto" measures which way of using the CPU threads is faster; "team" or "workers" forces one;
 - `piece_blocks` / `team_piece_blocks`: active blocks per batched product of a worker / of the intra-op team;
+- `bucket_overhead`: the fixed cost of one bucket's operations in the torch backend's cost model, which merges
+  the buckets of rows with different block counts (sat/kernels/blocksparse_torch.py); 0 never merges;
 - `cpu_dropout_path`: how sat/models/attention.py runs unmonitored CPU training steps with attention dropout,
   "fused" (sat.kernels.dense.dense_attention without statistics) or "sdpa" (scaled_dot_product_attention).
-The threading choice and the piece sizes change speed and memory only; `cpu_dropout_path` also changes which
-random draws attention dropout uses.
+The threading choice, the piece sizes and the bucket overhead change speed and memory only (the last also the
+rounding, by a few ulps); `cpu_dropout_path` also changes which random draws attention dropout uses.
 
 Lifetime: one instance per process, `RUNTIME`, made at import and kept until the process ends (the plans and
 workspaces are caches, the worker threads idle between calls). A forked child keeps the caches and starts
@@ -82,14 +84,17 @@ def _unthreaded(fn: Callable[[int, int, int], None], g0: int, g1: int, piece_blo
 class KernelRuntime:
     """Caches, worker threads and run-time choices of the CPU attention code (see the module docstring)."""
 
-    _CHOICES = ("threading", "piece_blocks", "team_piece_blocks", "cpu_dropout_path")
+    _CHOICES = ("threading", "piece_blocks", "team_piece_blocks", "bucket_overhead", "cpu_dropout_path")
 
     def __init__(self, threading: str = "auto", piece_blocks: int = 64, team_piece_blocks: int = 512,
-                 cpu_dropout_path: str = "fused", max_plans: int = 16) -> None:
+                 cpu_dropout_path: str = "fused", max_plans: int = 16, bucket_overhead: float = 6e4) -> None:
         self.threading = threading
         # 64 active blocks per product: the scores are then 1 MiB at block 64, L2-resident. A team's pieces are
         # larger (its cost is per operation) but bounded, so that its buffers stay small.
         self.piece_blocks, self.team_piece_blocks = piece_blocks, team_piece_blocks
+        # In units of one fp32 score element's elementwise work (~4.7 ns on one core): ~170-450 us, calibrated
+        # in sat/kernels/blocksparse_torch.py.
+        self.bucket_overhead = bucket_overhead
         self.cpu_dropout_path = cpu_dropout_path
         self.max_plans = max_plans
         self._check()
@@ -108,11 +113,13 @@ class KernelRuntime:
             raise ValueError(f"cpu_dropout_path must be one of {CPU_DROPOUT_PATHS}, got {self.cpu_dropout_path!r}")
         if self.piece_blocks < 1 or self.team_piece_blocks < 1:
             raise ValueError("piece sizes must be at least one block")
+        if not self.bucket_overhead >= 0:
+            raise ValueError(f"bucket_overhead must be >= 0, got {self.bucket_overhead!r}")
 
     @contextmanager
     def override(self, **choices: Any) -> Iterator[KernelRuntime]:
         """Within the `with` block, use these choices (threading, piece_blocks, team_piece_blocks,
-        cpu_dropout_path); the previous ones come back afterwards, also after an exception."""
+        bucket_overhead, cpu_dropout_path); the previous ones come back afterwards, also after an exception."""
         unknown = set(choices) - set(self._CHOICES)
         if unknown:
             raise TypeError(f"unknown runtime choice(s) {sorted(unknown)}; choose from {self._CHOICES}")

@@ -37,9 +37,11 @@ class Mlp(nn.Module):
 class EncoderBlock(nn.Module):
     """Pre-LayerNorm Transformer block: x + drop(MHA(LN(x))), then x + MLP(LN(x)).
 
-    recompute="sparse": once the attention is block-sparse, training steps keep only the block's input and
-    rebuild its activations, one block at a time, in the backward (the generator state is replayed, so dropout
-    draws the same masks): less memory for more time per sparse step (bench/results/history.md).
+    recompute="sparse": once the attention is block-sparse, training steps keep only the inputs of the block's
+    two halves (attention, MLP) and rebuild each half's activations in the backward, one half at a time (the
+    generator state is replayed, so dropout draws the same masks): less memory for more time per sparse step.
+    Two halves rather than the whole block: the backward then holds one half's activations at a time, not both,
+    for the same recomputation (bench/results/train_step.txt).
     """
 
     def __init__(self, dim: int, hidden: int, attention: Attention, dropout: float = 0.0, mlp: str = "dense",
@@ -55,11 +57,14 @@ class EncoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
                 collect: bool = False) -> torch.Tensor:
         if self.recompute == "sparse" and self.attn.is_sparse and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, key_padding_mask, False, use_reentrant=False)
-        return self._forward(x, key_padding_mask, collect)
+            x = checkpoint(self._attention_half, x, key_padding_mask, False, use_reentrant=False)
+            return checkpoint(self._mlp_half, x, use_reentrant=False)
+        return self._mlp_half(self._attention_half(x, key_padding_mask, collect))
 
-    def _forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None, collect: bool) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), key_padding_mask, collect))
+    def _attention_half(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None, collect: bool) -> torch.Tensor:
+        return x + self.drop(self.attn(self.norm1(x), key_padding_mask, collect))
+
+    def _mlp_half(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.norm2(x))
 
 
