@@ -105,11 +105,16 @@ class Attention(nn.Module):
                 collect: bool = False) -> torch.Tensor:
         """x: (B, N, C); key_padding_mask: (B, N) bool, True = keep (None = no padding)."""
         B, N, _ = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, hd)
         self.stats = None
-        out = self._attend(q, k, v, key_padding_mask, collect)
+        # q, k, v only as the call's arguments: the projection's output (3 activations) is freed when the
+        # attention returns, not kept alive beside the output projection's
+        out = self._attend(*self._project_qkv(x), key_padding_mask, collect)
         return self.proj(out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))  # (B, N, H*hd)
+
+    def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # q, k, v, each (B, H, N, hd)
 
     def _sparse(self, q, k, v, key_padding_mask, collect):
         return block_sparse_attention(q, k, v, self.pattern.layout, self.block_size, key_padding_mask, self.backend)
