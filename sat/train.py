@@ -205,7 +205,7 @@ def _mix(mixer, batch: Batch) -> tuple[Batch, torch.Tensor]:
 
 
 def step_forward(ddp_model: nn.Module, model: nn.Module, inputs: Batch, target: torch.Tensor, collect: bool,
-             cfg: TaskConfig, dtype: torch.dtype | None, mixed: bool) -> tuple[torch.Tensor, StepLoss]:
+                 cfg: TaskConfig, dtype: torch.dtype | None, mixed: bool) -> tuple[torch.Tensor, StepLoss]:
     """Logits and losses of one training step; with `collect` the attention layers' statistics too (also what
     bench/train_step.py times)."""
     with torch.autocast(inputs.x.device.type, dtype=dtype, enabled=dtype is not None):
@@ -220,7 +220,7 @@ def step_forward(ddp_model: nn.Module, model: nn.Module, inputs: Batch, target: 
 
 
 def step_backward(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
-              scaler: torch.amp.GradScaler, clip_value: float) -> None:
+                  scaler: torch.amp.GradScaler, clip_value: float) -> None:
     """Gradients (scaled for fp16), clipped by value when clip_value > 0, and one optimizer step."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -403,6 +403,12 @@ def _resume(s: RunState, paths: RunPaths, ckpt: dict) -> None:
                               f"start again, or restore a copy") from e
 
 
+def _configured_parameters(cfg: TaskConfig, vocab_size: int) -> int:
+    """Parameters of the model the config describes, before any transition (a resumed run's model may be past S2D)."""
+    with torch.device("meta"):
+        return count_parameters(build_model(cfg, vocab_size, "reference"))
+
+
 def _summarize(s: RunState, paths: RunPaths, backend: str, run: RunLog) -> dict:
     """The best dev checkpoint evaluated on test and dev, written to summary.json and returned."""
     cfg, scheduler, dev = s.cfg, s.scheduler, s.dev
@@ -415,8 +421,9 @@ def _summarize(s: RunState, paths: RunPaths, backend: str, run: RunLog) -> dict:
         "task": cfg.task, "dataset": s.data.name, "name": paths.name, "steps": s.step, "best_step": best["step"],
         "transition_step": scheduler.transition_step, "transition_reason": scheduler.transition_reason,
         "densify_step": scheduler.densify_step,
-        # what the configured model had at step 0 and what the run ended with (S2D densifies Monarch MLPs)
-        "params_at_start": count_parameters(build_model(cfg, s.data.vocab_size, "reference")),
+        # what the configured model had at step 0 (built on the meta device: shapes only, no weights) and what
+        # the run ended with (S2D densifies Monarch MLPs)
+        "params_at_start": _configured_parameters(cfg, s.data.vocab_size),
         "params_at_end": count_parameters(s.model),
         "dev_accuracy": dev_res["accuracy"], "test_accuracy": test["accuracy"], "test_majority_rate": majority,
         "dev_top5": dev_res["top5"], "test_top5": test["top5"],

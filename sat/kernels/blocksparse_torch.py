@@ -64,11 +64,15 @@ class _Bucket:
     keys: torch.Tensor  # (r, count) key-block row ids h * nb + j, ascending j per row, then the padded slots
     key_blocks: torch.Tensor  # (r, count) key-block index j in [0, nb), for the padding mask
     slots: torch.Tensor | None = None  # (r, count) bool: True at a real block; None when no slot is padded
-    active: int = 0  # real (unpadded) blocks
 
     @property
     def num_rows(self) -> int:
         return self.rows.numel()
+
+    @property
+    def active(self) -> int:
+        """Real (unpadded) blocks."""
+        return self.num_rows * self.count if self.slots is None else int(self.slots.sum())
 
 
 def merge_counts(counts: list[int], rows: list[int], overhead: float) -> list[tuple[int, int]]:
@@ -167,7 +171,7 @@ def _pad(groups: list[_Bucket]) -> _Bucket:
     slot = torch.arange(c, device=groups[0].rows.device)
     return _Bucket(c, torch.cat([g.rows for g in groups]), torch.cat([padded(g.keys) for g in groups]),
                    torch.cat([padded(g.key_blocks) for g in groups]),
-                   torch.cat([(slot < g.count).expand(g.num_rows, c) for g in groups]), sum(g.active for g in groups))
+                   torch.cat([(slot < g.count).expand(g.num_rows, c) for g in groups]))
 
 
 def _bias(keep: torch.Tensor, batch: int) -> torch.Tensor:
@@ -190,7 +194,7 @@ def _make_plan(layout: torch.Tensor, device: torch.device) -> _Plan:
         rows = (counts == c).nonzero()[:, 0]  # (r,)
         key_blocks = rows_layout[rows].nonzero()[:, 1].reshape(len(rows), c)  # (r, c)
         keys = key_blocks + head_offset[rows, None]
-        groups.append(_Bucket(c, rows.to(device), keys.to(device), key_blocks.to(device), None, len(rows) * c))
+        groups.append(_Bucket(c, rows.to(device), keys.to(device), key_blocks.to(device)))
     return _Plan(heads, nb, groups, bool((counts == 0).any()))
 
 
