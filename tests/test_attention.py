@@ -69,7 +69,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 
 from sat.kernels.dense import dense_attention  # noqa: E402
-from sat.kernels.dropout_mask import keep_mask, keep_mask_scale  # noqa: E402
+from sat.kernels.dropout_mask import keep_mask, keep_mask_scale, masked_scale  # noqa: E402
 from sat.kernels.runtime import RUNTIME  # noqa: E402
 from sat.models.dropout import Dropout  # noqa: E402
 from sat.sparsity.pattern import block_pool  # noqa: E402
@@ -241,3 +241,17 @@ def test_float64_dense_steps_stay_in_float64():
     assert monitored.dtype == torch.float64 and not monitored.isnan().any()
     torch.testing.assert_close(monitored, plain, atol=1e-12, rtol=1e-12)
 
+
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 1 << 17), (2, 300, 1000)])
+def test_masked_scale_is_the_product_without_a_float_mask(shape):
+    """Chunk by chunk, any size (a chunk is 2^18 elements), non-contiguous inputs and bf16 included."""
+    torch.manual_seed(8)
+    x = torch.randn(shape)
+    keep = keep_mask(shape, 0.3, "cpu")
+    for inp in (x, x.transpose(0, -1).contiguous().transpose(0, -1), x.bfloat16()):
+        for mask in (keep, keep.view(torch.uint8)):
+            out = masked_scale(inp, mask, 1.25)
+            assert out.is_contiguous() and out.dtype == inp.dtype
+            assert torch.equal(out, inp * keep.to(inp.dtype) * 1.25)

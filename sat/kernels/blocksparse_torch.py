@@ -21,8 +21,9 @@ padding mask) get the same -inf bias.
 On a CPU the work is a few hundred small operations, and there are two ways to use the threads (see
 sat.kernels.runtime.ThreadChoice): each operation on PyTorch's intra-op thread team, or the batch split over
 single-threaded workers, each running every bucket for its own range of (batch, head) pairs. The faster way is
-measured at run time; the results are identical. Workers take the buckets in pieces small enough to stay in
-cache; temporaries live in per-thread buffers kept between calls, and the softmax and its backward run in place.
+measured at run time; the results agree to rounding (the two split the products into different pieces). Workers
+take the buckets in pieces small enough to stay in cache; temporaries live in per-thread buffers kept between
+calls, and the softmax and its backward run in place.
 """
 
 from __future__ import annotations
@@ -227,6 +228,27 @@ def _gather(src, index, buffer, rows, width):
     return out.view(rows, width, D)
 
 
+def _block_gatherer(x, nb, bs, flat_rows):
+    """A function (bucket, a, b, out) -> out holding the (n, bs, D) fp32 blocks of x (B, H, N, D) at the flat
+    query-block indices flat_rows[bucket][a:b] (flat index (b * H + h) * nb + i).
+
+    The incoming gradient is usually the transpose of the output projection's (B, N, H, D) gradient; copying it
+    to the blocks' contiguous layout would keep one more activation alive at a sparse step's peak, so an fp32
+    x that is not contiguous is gathered from where it lies (by its (b, h, i) indices, a slower kernel per
+    element than index_select's row copies, which is about what the copy cost)."""
+    B, H, N, D = x.shape
+    if x.dtype != torch.float32 or x.is_contiguous():
+        src = x.reshape(B * H * nb, bs, D).float()
+        return lambda bucket, a, b, out: torch.index_select(src, 0, flat_rows[bucket][a:b], out=out)
+    blocks = x.view(B, H, nb, bs, D)
+    where = []
+    for rows in flat_rows:
+        bh = rows // nb
+        where.append((bh // H, bh % H, rows % nb))
+    return lambda bucket, a, b, out: torch.ops.aten.index.Tensor_out(
+        blocks, [t[a:b] for t in where[bucket]], out=out)
+
+
 def _forward(q, k, v, plan, block_size, key_padding_mask, keep_probs):
     """Output (B, H, N, D) and, for the backward, the schedule and the fp32 (G*R, bs, D) queries, keys, values
     and P per bucket.
@@ -300,7 +322,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         bs = N // plan.nb
         G = B * H // plan.heads
         scale = 1.0 / math.sqrt(D)
-        dof = dout.reshape(kf.shape).float()  # (G*R, bs, D)
+        gather_dout = _block_gatherer(dout, plan.nb, bs, [iq for iq, _ in sched.flat])
         dq, dk, dv = torch.empty_like(kf), torch.empty_like(kf), torch.empty_like(vf)  # (G*R, bs, D) each
 
         def part(g0, g1, max_blocks):
@@ -308,14 +330,14 @@ class _BlockSparseAttention(torch.autograd.Function):
                 grad.view(G, -1)[g0:g1].zero_()  # this range of g owns these rows
             piece_blocks = sched.piece_blocks(g0, g1, max_blocks)
             qb_buf, dob_buf, dqb_buf, kg_buf, vg_buf, dkv_buf = (
-                RUNTIME.workspace(x, piece_blocks * bs * D, dof) for x in ("q", "o", "dq", "k", "v", "dkv"))
-            dp_buf = RUNTIME.workspace("s", piece_blocks * bs * bs, dof)
+                RUNTIME.workspace(x, piece_blocks * bs * D, kf) for x in ("q", "o", "dq", "k", "v", "dkv"))
+            dp_buf = RUNTIME.workspace("s", piece_blocks * bs * bs, kf)
             for i, a, b in sched.pieces(g0, g1, max_blocks):
                 c = sched.buckets[i].count
                 n, L = b - a, c * bs  # n query blocks, each seeing L keys
                 iq, ik = sched.flat[i][0][a:b], sched.flat[i][1][a * c:b * c]
                 p = probs[i][a:b]  # (n, bs, L)
-                dob = torch.index_select(dof, 0, iq, out=dob_buf[:n * bs * D].view(n, bs, D))
+                dob = gather_dout(i, a, b, dob_buf[:n * bs * D].view(n, bs, D))
                 dvg = torch.bmm(p.transpose(1, 2), dob, out=dkv_buf[:n * L * D].view(n, L, D))
                 dv.index_add_(0, ik, dvg.view(-1, bs, D))
                 vg = _gather(vf, ik, vg_buf, n, L)

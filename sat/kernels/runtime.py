@@ -9,8 +9,9 @@ that tests and benchmarks vary:
   the buckets of rows with different block counts (sat/kernels/blocksparse_torch.py); 0 never merges;
 - `cpu_dropout_path`: how sat/models/attention.py runs unmonitored CPU training steps with attention dropout,
   "fused" (sat.kernels.dense.dense_attention without statistics) or "sdpa" (scaled_dot_product_attention).
-The threading choice, the piece sizes and the bucket overhead change speed and memory only (the last also the
-rounding, by a few ulps); `cpu_dropout_path` also changes which random draws attention dropout uses.
+The threading choice, the piece sizes and the bucket overhead change speed, memory and the rounding (by an
+ulp or a few: the batched products are split differently); `cpu_dropout_path` also changes which random draws
+attention dropout uses.
 
 Lifetime: one instance per process, `RUNTIME`, made at import and kept until the process ends (the plans and
 workspaces are caches, the worker threads idle between calls). A forked child keeps the caches and starts

@@ -1,8 +1,9 @@
 """Model dropout: nn.Dropout's semantics, with sat/kernels/dropout_mask.py's one-byte masks on a CPU.
 
 F.dropout on a CPU keeps a float mask per element for the backward; `keep_mask` draws the same Bernoulli
-keep decisions (p rounded to a multiple of 2^-16) into one byte each, a quarter of the memory. On CUDA,
-F.dropout's fused kernel keeps a byte mask already and is used as is.
+decisions (p rounded to a multiple of 2^-16) into one byte each, a quarter of the memory, and `masked_scale`
+applies it without a float copy of the mask. On CUDA, F.dropout's fused kernel keeps a byte mask already and
+is used as is.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sat.kernels.dropout_mask import keep_mask, keep_mask_scale
+from sat.kernels.dropout_mask import keep_mask, keep_mask_scale, masked_scale
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -21,12 +22,12 @@ class _MaskedScale(torch.autograd.Function):
     def forward(ctx, x, keep, scale):
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return (x * keep).mul_(scale)
+        return masked_scale(x, keep, scale)
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return (grad * keep).mul_(ctx.scale), None, None
+        return masked_scale(grad, keep, ctx.scale), None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -35,8 +36,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    keep = keep_mask(tuple(x.shape), p, x.device).view(torch.uint8)  # uint8 products vectorise, bool ones not
-    return _MaskedScale.apply(x, keep, keep_mask_scale(p))
+    return _MaskedScale.apply(x, keep_mask(tuple(x.shape), p, x.device), keep_mask_scale(p))
 
 
 class Dropout(nn.Module):
