@@ -280,15 +280,14 @@ def _forward(q, k, v, plan, block_size, key_padding_mask, keep_probs):
         if plan.has_empty_rows:
             out.view(G, -1)[g0:g1].zero_()
         piece_blocks = sched.piece_blocks(g0, g1, max_blocks)
-        qb_buf, ob_buf, kg_buf, vg_buf = (RUNTIME.workspace(x, piece_blocks * bs * D, qf)
-                                          for x in ("q", "o", "k", "v"))
+        rows_buf, keys_buf = (RUNTIME.workspace(x, piece_blocks * bs * D, qf) for x in ("rows", "keys"))
         s_buf = None if keep_probs else RUNTIME.workspace("s", piece_blocks * bs * bs, qf)
         for i, a, b in sched.pieces(g0, g1, max_blocks):
             c, (iq, ik), bias = sched.buckets[i].count, sched.flat[i], biases[i]
             n, L = b - a, c * bs  # n query blocks, each seeing L keys
             iq, ik = iq[a:b], ik[a * c:b * c]
-            qb = torch.index_select(qf, 0, iq, out=qb_buf[:n * bs * D].view(n, bs, D))
-            kg = _gather(kf, ik, kg_buf, n, L)  # (n, L, D)
+            qb = torch.index_select(qf, 0, iq, out=rows_buf[:n * bs * D].view(n, bs, D))
+            kg = _gather(kf, ik, keys_buf, n, L)  # (n, L, D)
             s = probs[i][a:b] if keep_probs else s_buf[:n * bs * L].view(n, bs, L)
             torch.baddbmm(s, qb, kg.transpose(1, 2), beta=0.0, alpha=scale, out=s)  # scores, (n, bs, L)
             if bias is not None:  # -inf at padded slots and padded keys
@@ -296,8 +295,8 @@ def _forward(q, k, v, plan, block_size, key_padding_mask, keep_probs):
             p = softmax_(s)  # P in s
             if dead[i] is not None:  # rows whose allowed keys are all padding: NaN -> 0
                 p.masked_fill_(dead[i][a:b], 0.0)
-            vg = _gather(vf, ik, vg_buf, n, L)
-            out.index_copy_(0, iq, torch.bmm(p, vg, out=ob_buf[:n * bs * D].view(n, bs, D)))
+            vg = _gather(vf, ik, keys_buf, n, L)  # the keys are no longer needed, nor the queries below
+            out.index_copy_(0, iq, torch.bmm(p, vg, out=rows_buf[:n * bs * D].view(n, bs, D)))
 
     RUNTIME.run(part, G, q.device, ("forward", G, sched.active_blocks, bs, D, key_padding_mask is not None))
     return out.view(B, H, N, D).to(q.dtype), (sched, qf, kf, vf, probs)
@@ -329,25 +328,26 @@ class _BlockSparseAttention(torch.autograd.Function):
             for grad in (dk, dv) + ((dq,) if plan.has_empty_rows else ()):
                 grad.view(G, -1)[g0:g1].zero_()  # this range of g owns these rows
             piece_blocks = sched.piece_blocks(g0, g1, max_blocks)
-            qb_buf, dob_buf, dqb_buf, kg_buf, vg_buf, dkv_buf = (
-                RUNTIME.workspace(x, piece_blocks * bs * D, kf) for x in ("q", "o", "dq", "k", "v", "dkv"))
+            # three buffers of blocks and one of scores, each reused once its contents are consumed
+            rows_buf, keys_buf, grad_buf = (
+                RUNTIME.workspace(x, piece_blocks * bs * D, kf) for x in ("rows", "keys", "key_grads"))
             dp_buf = RUNTIME.workspace("s", piece_blocks * bs * bs, kf)
             for i, a, b in sched.pieces(g0, g1, max_blocks):
                 c = sched.buckets[i].count
                 n, L = b - a, c * bs  # n query blocks, each seeing L keys
                 iq, ik = sched.flat[i][0][a:b], sched.flat[i][1][a * c:b * c]
                 p = probs[i][a:b]  # (n, bs, L)
-                dob = gather_dout(i, a, b, dob_buf[:n * bs * D].view(n, bs, D))
-                dvg = torch.bmm(p.transpose(1, 2), dob, out=dkv_buf[:n * L * D].view(n, L, D))
+                dob = gather_dout(i, a, b, rows_buf[:n * bs * D].view(n, bs, D))
+                dvg = torch.bmm(p.transpose(1, 2), dob, out=grad_buf[:n * L * D].view(n, L, D))
                 dv.index_add_(0, ik, dvg.view(-1, bs, D))
-                vg = _gather(vf, ik, vg_buf, n, L)
+                vg = _gather(vf, ik, keys_buf, n, L)
                 dp = torch.bmm(dob, vg.transpose(1, 2), out=dp_buf[:n * bs * L].view(n, bs, L))
                 ds = softmax_backward_(dp, p)
-                kg = _gather(kf, ik, kg_buf, n, L)
-                dqb = dqb_buf[:n * bs * D].view(n, bs, D)
+                kg = _gather(kf, ik, keys_buf, n, L)  # dO and V are consumed
+                dqb = rows_buf[:n * bs * D].view(n, bs, D)
                 dq.index_copy_(0, iq, torch.baddbmm(dqb, ds, kg, beta=0.0, alpha=scale, out=dqb))
-                dkg = dkv_buf[:n * L * D].view(n, L, D)
-                qb = torch.index_select(qf, 0, iq, out=qb_buf[:n * bs * D].view(n, bs, D))
+                dkg = grad_buf[:n * L * D].view(n, L, D)
+                qb = torch.index_select(qf, 0, iq, out=rows_buf[:n * bs * D].view(n, bs, D))
                 torch.baddbmm(dkg, ds.transpose(1, 2), qb, beta=0.0, alpha=scale, out=dkg)
                 dk.index_add_(0, ik, dkg.view(-1, bs, D))
 
