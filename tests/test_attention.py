@@ -244,7 +244,7 @@ def test_float64_dense_steps_stay_in_float64():
 
 
 
-@pytest.mark.parametrize("shape", [(7,), (3, 1 << 17), (2, 300, 1000)])
+@pytest.mark.parametrize("shape", [(7, 3), (3, 1 << 17), (2, 300, 1000)])
 def test_masked_scale_is_the_product_without_a_float_mask(shape):
     """Chunk by chunk, any size (a chunk is 2^18 elements), non-contiguous inputs and bf16 included."""
     torch.manual_seed(8)

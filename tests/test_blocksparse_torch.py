@@ -84,10 +84,13 @@ def test_strided_output_gradient_is_gathered_in_place(shared):
     assert not strided.is_contiguous()
     # every count merged into one bucket (padded slots); one way of threading for both (their pieces differ)
     with RUNTIME.override(bucket_overhead=1e9, threading="team"):
-        grads = []
+        grads, gathered_in_place = [], []
         for dout in (strided, strided.contiguous()):
             out = block_sparse_attention(q, k, v, layout, bs, kpm, backend="torch")
-            grads.append(torch.autograd.grad(out, (q, k, v), dout))
+            with torch.profiler.profile() as prof:
+                grads.append(torch.autograd.grad(out, (q, k, v), dout))
+            gathered_in_place.append(any(e.key == "aten::index" for e in prof.key_averages()))
+    assert gathered_in_place == [True, False]  # the strided gradient took the in-place path, the copy did not
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))

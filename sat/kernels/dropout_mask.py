@@ -48,7 +48,7 @@ def masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Ten
     A product with a byte tensor makes a float copy of it first on a CPU (type promotion), one more
     activation at a training step's peak; masked_fill_ and where are not vectorised (about three times the
     time). So the mask is converted into the output a cache-sized chunk at a time, then multiplied in place:
-    the same values as x * keep * scale, with no temporary."""
+    the same values as x * keep * scale, with no temporary for a contiguous x (another is copied first)."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     src, mask, dst = x.reshape(-1), keep.view(torch.uint8).reshape(-1), out.view(-1)
     for a in range(0, dst.numel(), _CHUNK):
