@@ -216,8 +216,9 @@ def main() -> None:
     lines = []
     for amp in a.amp:
         for pattern in a.patterns:
-            lines += section(run_phases(a, amp, pattern), amp, a.steps, a.backend) + [""]
-            print("\n".join(lines[-12:]), flush=True)
+            block = section(run_phases(a, amp, pattern), amp, a.steps, a.backend)
+            print("\n".join(block) + "\n", flush=True)
+            lines += block + [""]
     if a.out:
         Path(a.out).write_text("\n".join(lines))
 

@@ -242,8 +242,6 @@ def test_float64_dense_steps_stay_in_float64():
     torch.testing.assert_close(monitored, plain, atol=1e-12, rtol=1e-12)
 
 
-
-
 @pytest.mark.parametrize("shape", [(7, 3), (3, 1 << 17), (2, 300, 1000)])
 def test_masked_scale_is_the_product_without_a_float_mask(shape):
     """Chunk by chunk, any size (a chunk is 2^18 elements), non-contiguous inputs and bf16 included."""

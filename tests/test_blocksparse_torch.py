@@ -30,12 +30,15 @@ def _run(backend, q, k, v, layout, bs, kpm=None):
     return out, dq, dk, dv
 
 
-def _reference64(q, k, v, layout, bs, kpm=None):
-    """_run("reference", ...) computed in float64 with the same output gradient, returned in q's dtype: an fp32
-    reference's own rounding moves with MKL's choice of kernel (~6e-5 on dK now and then, in a fresh process)."""
+def _reference64(q, k, v, layout, bs, kpm=None, dout=None):
+    """_run("reference", ...) computed in float64 with the same output gradient (or `dout`), returned in q's
+    dtype: an fp32 reference's own rounding moves with MKL's choice of kernel (~6e-5 on dK now and then, in a
+    fresh process)."""
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     out = block_sparse_attention(q64, k64, v64, layout, bs, kpm, backend="reference")
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(123), dtype=q.dtype).double()
+    if dout is None:
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(123), dtype=q.dtype)
+    dout = dout.double()
     return tuple(x.to(q.dtype) for x in (out, *torch.autograd.grad(out, (q64, k64, v64), dout)))
 
 
@@ -93,11 +96,9 @@ def test_strided_output_gradient_is_gathered_in_place(shared):
     assert gathered_in_place == [True, False]  # the strided gradient took the in-place path, the copy did not
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    out64 = block_sparse_attention(q64, k64, v64, layout, bs, kpm, backend="reference")  # and both are right
-    expected = torch.autograd.grad(out64, (q64, k64, v64), strided.double())
+    expected = _reference64(q, k, v, layout, bs, kpm, dout=strided)[1:]  # and both are right
     for a, b in zip(grads[0], expected, strict=True):
-        torch.testing.assert_close(a, b.float(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_rows_with_only_padded_keys_give_zeros():
